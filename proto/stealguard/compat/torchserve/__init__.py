@@ -1,0 +1,1 @@
+"""TorchServe gRPC inference API (org.pytorch.serve.grpc.inference), generated."""
