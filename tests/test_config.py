@@ -1,0 +1,73 @@
+import pytest
+from stealguard.server.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_protect_everything_with_reverse_sigmoid():
+    config = load_config(env={})
+    assert config.listen == "127.0.0.1:50051"
+    assert config.policies == {
+        "default": {"defense": "reverse_sigmoid", "beta": 1.5, "gamma": 0.3,
+                    "preserve_top1": True}
+    }
+
+
+def test_file_then_env_then_flags_each_win_over_the_previous(tmp_path):
+    path = write(tmp_path, "listen: 127.0.0.1:1000\nworkers: 2\n"
+                 "policies:\n  default: {defense: reverse_sigmoid, beta: 1.0, gamma: 0.5}\n"
+                 "  mnist-open: {defense: none}\n")
+    env = {"STEALGUARD_LISTEN": "127.0.0.1:2000", "STEALGUARD_BETA": "2.5"}
+    config = load_config(path, env=env, overrides={"listen": "127.0.0.1:3000", "gamma": 0.7,
+                                                   "beta": None})
+    assert config.listen == "127.0.0.1:3000"
+    assert config.workers == 2
+    assert config.policies["default"] == {"defense": "reverse_sigmoid", "beta": 2.5, "gamma": 0.7}
+    assert config.policies["mnist-open"] == {"defense": "none"}
+
+
+def test_config_file_can_come_from_the_environment(tmp_path):
+    path = write(tmp_path, "policies:\n  only: {defense: none}\n")
+    assert list(load_config(env={"STEALGUARD_CONFIG": str(path)}).policies) == ["only"]
+
+
+def test_a_new_defense_flag_replaces_the_default_policy_parameters():
+    config = load_config(env={}, overrides={"defense": "top_k"})
+    assert config.policies["default"] == {"defense": "top_k"}
+
+
+def test_unknown_key_names_the_file_and_the_key(tmp_path):
+    path = write(tmp_path, "listne: 1\n")
+    with pytest.raises(ConfigError, match=r"sidecar.yaml: unknown key 'listne'"):
+        load_config(path, env={})
+
+
+def test_bad_integer_in_environment_names_the_variable_source():
+    with pytest.raises(ConfigError, match=r"environment \(STEALGUARD_\*\): workers must be an "
+                       r"integer, got 'two'"):
+        load_config(env={"STEALGUARD_WORKERS": "two"})
+
+
+def test_policy_without_defense_is_rejected(tmp_path):
+    path = write(tmp_path, "policies:\n  default: {beta: 1}\n")
+    with pytest.raises(ConfigError, match="policy 'default' must be a mapping with a 'defense'"):
+        load_config(path, env={})
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.yaml", env={})
+
+
+def test_invalid_yaml_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "policies: [\n"), env={})
+
+
+def test_zero_workers_is_rejected():
+    with pytest.raises(ConfigError, match="workers must be at least 1"):
+        load_config(env={}, overrides={"workers": 0})
