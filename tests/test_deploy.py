@@ -1,0 +1,302 @@
+"""The deployment files agree with each other: Dockerfile targets, docker-compose.yml, the
+Kubernetes manifests, and the health probe script they all call.
+
+No Docker engine is needed here; `deploy/ci-scenario` builds and runs the images for real.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from _procs import free_port
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+HEALTHCHECK_IN_IMAGE = "/opt/stealguard/healthcheck.py"
+SIDECAR_PORT = 50051
+MODELSERVER_PORT = 7070
+
+
+# --- Dockerfile ---------------------------------------------------------------------------
+
+def dockerfile_stages() -> dict[str, list[str]]:
+    """Instructions of each named stage of deploy/Dockerfile, continuation lines joined."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    text = re.sub(r"\\\n", " ", text)
+    stages: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"FROM\s+\S+\s+AS\s+(\S+)", line, re.IGNORECASE)
+        if match:
+            current = stages.setdefault(match.group(1), [])
+        if current is not None:
+            current.append(line)
+    return stages
+
+
+def instructions(stage: list[str], keyword: str) -> list[str]:
+    return [line[len(keyword):].strip() for line in stage if line.startswith(keyword + " ")]
+
+
+def test_dockerfile_has_sidecar_and_lab_targets_running_as_non_root():
+    stages = dockerfile_stages()
+    for target in ("sidecar", "lab"):
+        users = instructions(stages[target], "USER")
+        assert users and users[-1] not in ("root", "0"), f"{target} runs as {users}"
+
+
+def test_sidecar_image_has_no_torch_and_warms_numba_at_build_time():
+    stages = dockerfile_stages()
+    sidecar_chain = " ".join(stages["deps"] + stages["sidecar-build"] + stages["sidecar"])
+    assert "torch" not in sidecar_chain
+    assert "lab" not in re.findall(r"requirements\.py \S+ ?(\w*)", sidecar_chain)
+    runs = instructions(stages["sidecar"], "RUN")
+    assert any("warm_up()" in run for run in runs)
+    assert any("NUMBA_CACHE_DIR" in env for env in instructions(stages["sidecar"], "ENV"))
+
+
+def test_sidecar_image_healthcheck_probes_the_exposed_port():
+    sidecar = dockerfile_stages()["sidecar"]
+    assert instructions(sidecar, "EXPOSE") == [str(SIDECAR_PORT)]
+    (check,) = instructions(sidecar, "HEALTHCHECK")
+    assert HEALTHCHECK_IN_IMAGE in check
+    assert f"127.0.0.1:{SIDECAR_PORT}" in check
+    assert f"0.0.0.0:{SIDECAR_PORT}" in " ".join(instructions(sidecar, "CMD"))
+
+
+def test_lab_image_exposes_the_model_server_port():
+    lab = dockerfile_stages()["lab"]
+    assert instructions(lab, "EXPOSE") == [str(MODELSERVER_PORT)]
+
+
+def test_build_context_allows_every_file_the_dockerfile_copies():
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    text = (DEPLOY / "Dockerfile").read_text()
+    for copy in re.findall(r"^COPY (?!--from)(.+)$", text, re.MULTILINE):
+        for source in copy.split()[:-1]:
+            source = source.replace("${WHEELS}", "deploy/wheels").rstrip("/")
+            if source.endswith("*"):  # README*: optional
+                continue
+            assert source in allowed, f"{source} is copied but excluded by .dockerignore"
+            assert (ROOT / source).exists(), source
+
+
+def test_constraints_pin_every_dependency_of_the_images():
+    pinned = {
+        line.split("==")[0].lower()
+        for line in (DEPLOY / "constraints.txt").read_text().splitlines()
+        if "==" in line
+    }
+    reqs = subprocess.run(
+        [sys.executable, str(DEPLOY / "requirements.py"), str(ROOT / "pyproject.toml"), "lab"],
+        check=True, capture_output=True, text=True,
+    ).stdout.split()
+    names = {re.split(r"[<>=!~;\[ ]", r)[0].lower().replace("_", "-") for r in reqs}
+    assert names - pinned == set()
+
+
+def test_requirements_script_rejects_an_unknown_extra_by_name():
+    done = subprocess.run(
+        [sys.executable, str(DEPLOY / "requirements.py"), str(ROOT / "pyproject.toml"), "gpu"],
+        capture_output=True, text=True,
+    )
+    assert done.returncode != 0
+    assert "unknown extra 'gpu'" in done.stderr
+
+
+# --- docker-compose.yml --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_services_wait_for_healthy_dependencies(compose):
+    services = compose["services"]
+    assert set(services) == {"sidecar", "modelserver", "attacker", "loadtest"}
+    assert services["modelserver"]["depends_on"] == {"sidecar": {"condition": "service_healthy"}}
+    assert services["attacker"]["depends_on"] == {
+        "modelserver": {"condition": "service_healthy"}
+    }
+    assert services["loadtest"]["depends_on"] == {"sidecar": {"condition": "service_healthy"}}
+    assert services["loadtest"]["profiles"] == ["loadtest"]
+    for name in ("sidecar", "modelserver"):
+        assert services[name]["healthcheck"]["test"][:3] == ["CMD", "python3",
+                                                              HEALTHCHECK_IN_IMAGE]
+
+
+def test_compose_ports_and_probes_match_the_images(compose):
+    services = compose["services"]
+    sidecar, modelserver = services["sidecar"], services["modelserver"]
+    assert sidecar["build"]["target"] == "sidecar"
+    assert {s["build"]["target"] for s in (modelserver, services["attacker"])} == {"lab"}
+    assert sidecar["command"] == ["--listen", f"0.0.0.0:{SIDECAR_PORT}"]
+    assert f"127.0.0.1:{SIDECAR_PORT}" in sidecar["healthcheck"]["test"]
+    ms_cmd = modelserver["command"]
+    assert ms_cmd[ms_cmd.index("--listen") + 1] == f"0.0.0.0:{MODELSERVER_PORT}"
+    assert ms_cmd[ms_cmd.index("--sidecar") + 1] == f"sidecar:{SIDECAR_PORT}"
+    assert f"127.0.0.1:{MODELSERVER_PORT}" in modelserver["healthcheck"]["test"]
+    assert "--torchserve" in modelserver["healthcheck"]["test"]
+    assert modelserver["ports"][0].endswith(f":{MODELSERVER_PORT}")
+    attack = services["attacker"]["command"]
+    assert attack[:2] == ["stealguard-attack", "run"]
+    assert attack[attack.index("--target") + 1] == f"modelserver:{MODELSERVER_PORT}"
+    assert {"mnist", "mnist-open"} <= set(attack)
+    assert f"--target sidecar:{SIDECAR_PORT}" in services["loadtest"]["command"][0]
+    for name in ("attacker", "loadtest"):
+        assert services[name]["volumes"] == ["./out:/out"]
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
+def test_docker_compose_v1_accepts_the_file_against_the_compose_specification():
+    # 1.29 validates a file without `version:` against its copy of the Compose Specification.
+    done = subprocess.run(
+        ["docker-compose", "--profile", "loadtest", "config", "--services"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert set(done.stdout.split()) == {"sidecar", "modelserver", "attacker", "loadtest"}
+
+
+# --- Kubernetes ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[str, dict]:
+    kustomization = yaml.safe_load((DEPLOY / "kubernetes" / "kustomization.yaml").read_text())
+    docs = {}
+    for name in kustomization["resources"]:
+        for doc in yaml.safe_load_all((DEPLOY / "kubernetes" / name).read_text()):
+            docs[doc["kind"]] = doc
+    return docs
+
+
+def test_kubernetes_manifests_parse_into_the_expected_objects(manifests):
+    assert set(manifests) == {"ConfigMap", "Deployment", "Service", "NetworkPolicy"}
+    for doc in manifests.values():
+        assert doc["apiVersion"] and doc["metadata"]["name"]
+
+
+def test_sidecar_is_a_second_container_reached_on_localhost(manifests):
+    deployment = manifests["Deployment"]
+    assert deployment["spec"]["replicas"] >= 2
+    pod = deployment["spec"]["template"]
+    assert deployment["spec"]["selector"]["matchLabels"] == pod["metadata"]["labels"]
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    assert set(containers) == {"modelserver", "sidecar"}
+    modelserver, sidecar = containers["modelserver"], containers["sidecar"]
+    assert modelserver["image"].startswith("stealguard/lab:")
+    assert sidecar["image"].startswith("stealguard/sidecar:")
+    cmd = modelserver["command"]
+    assert cmd[cmd.index("--sidecar") + 1] == f"127.0.0.1:{SIDECAR_PORT}"
+    assert cmd[cmd.index("--listen") + 1] == f"0.0.0.0:{MODELSERVER_PORT}"
+    assert pod["spec"]["securityContext"]["runAsUser"] == 10001
+
+
+def test_kubernetes_ports_and_probes_agree_with_the_images(manifests):
+    pod = manifests["Deployment"]["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    sidecar, modelserver = containers["sidecar"], containers["modelserver"]
+    assert [p["containerPort"] for p in sidecar["ports"]] == [SIDECAR_PORT]
+    assert sidecar["readinessProbe"]["grpc"] == {"port": SIDECAR_PORT}
+    assert sidecar["livenessProbe"]["grpc"] == {"port": SIDECAR_PORT}
+    # The kubelet dials the Pod IP, so the sidecar must listen beyond loopback.
+    assert sidecar["args"][sidecar["args"].index("--listen") + 1] == f"0.0.0.0:{SIDECAR_PORT}"
+    assert [p["containerPort"] for p in modelserver["ports"]] == [MODELSERVER_PORT]
+    for probe in ("readinessProbe", "startupProbe"):
+        command = modelserver[probe]["exec"]["command"]
+        assert command[1:] == [HEALTHCHECK_IN_IMAGE, f"127.0.0.1:{MODELSERVER_PORT}",
+                               "--torchserve"]
+    config_path = sidecar["args"][sidecar["args"].index("--config") + 1]
+    (mount,) = sidecar["volumeMounts"]
+    assert config_path.startswith(mount["mountPath"] + "/")
+    config = yaml.safe_load(manifests["ConfigMap"]["data"][Path(config_path).name])
+    assert config["policies"]["default"]["defense"] == "reverse_sigmoid"
+
+
+def test_service_and_network_policy_expose_only_the_model_server(manifests):
+    labels = manifests["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    service = manifests["Service"]["spec"]
+    assert service["selector"] == labels
+    assert [(p["port"], p["targetPort"]) for p in service["ports"]] == [(MODELSERVER_PORT, "grpc")]
+    policy = manifests["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == labels
+    assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == [MODELSERVER_PORT]
+
+
+# --- the health probe script ---------------------------------------------------------------
+
+def run_healthcheck(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(DEPLOY / "healthcheck.py"), *args, "--timeout", "2"],
+        capture_output=True, text=True, timeout=30,
+    )
+
+
+@pytest.fixture
+def health_server():
+    """A gRPC server with only grpc.health.v1 on a loopback port: (address, servicer)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = f"127.0.0.1:{free_port()}"
+    server.add_insecure_port(address)
+    server.start()
+    yield address, servicer
+    server.stop(None)
+
+
+def test_healthcheck_passes_only_while_serving(health_server):
+    address, servicer = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    done = run_healthcheck(address)
+    assert (done.returncode, done.stdout.strip()) == (1, f"{address}: NOT_SERVING")
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    done = run_healthcheck(address)
+    assert (done.returncode, done.stdout.strip()) == (0, f"{address}: SERVING")
+
+
+def test_healthcheck_fails_with_the_reason_when_nothing_listens():
+    address = f"127.0.0.1:{free_port()}"
+    done = run_healthcheck(address)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"{address}: UNAVAILABLE") or "DEADLINE_EXCEEDED" in done.stderr
+
+
+def test_healthcheck_reads_torchserve_ping():
+    from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc
+
+    class Ping(inference_pb2_grpc.InferenceAPIsServiceServicer):
+        health = "Unhealthy"
+
+        def Ping(self, request, context):  # noqa: N802 - gRPC method name
+            return inference_pb2.TorchServeHealthResponse(
+                health=json.dumps({"status": self.health})
+            )
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = Ping()
+    inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(servicer, server)
+    address = f"127.0.0.1:{free_port()}"
+    server.add_insecure_port(address)
+    server.start()
+    try:
+        assert run_healthcheck(address, "--torchserve").returncode == 1
+        servicer.health = "Healthy"
+        done = run_healthcheck(address, "--torchserve")
+        assert (done.returncode, done.stdout.strip()) == (0, f"{address}: Healthy")
+    finally:
+        server.stop(None)
