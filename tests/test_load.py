@@ -1,0 +1,242 @@
+"""stealguard-load against real servers on loopback: the sidecar, the bench echo server (also
+in its stalling mode) and a counting server in this process. Every run is the real console
+script; numbers asserted are counts and the shape of the latency distribution, never speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from _procs import Process, free_port, script, start_sidecar
+from stealguard.v1 import defense_pb2, defense_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+LATENCY_KEYS = {"p50", "p90", "p99", "p999", "max"}
+
+
+def load(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run stealguard-load with ``args``; the completed process (text output)."""
+    return subprocess.run([script("stealguard-load"), "--no-progress", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def load_json(*args: str) -> dict:
+    done = load(*args, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def start_echo(*extra: str) -> tuple[Process, str]:
+    address = f"127.0.0.1:{free_port()}"
+    process = Process([sys.executable, str(ROOT / "bench" / "echo_server.py"),
+                       "--listen", address, *extra])
+    process.wait_healthy(address, timeout=30)
+    return process, address
+
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory):
+    """The real sidecar with one policy, ``mnist``, and no default: other models are
+    NOT_FOUND."""
+    config = tmp_path_factory.mktemp("load") / "sidecar.yaml"
+    config.write_text("policies:\n  mnist: {defense: reverse_sigmoid, beta: 1.5, gamma: 0.3}\n")
+    process, address = start_sidecar("--config", str(config))
+    yield address
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def echo():
+    process, address = start_echo()
+    yield address
+    process.stop()
+
+
+class CountingDefense(defense_pb2_grpc.DefenseServicer):
+    """Counts Perturb calls and keeps every request's tensor."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tensors: list[defense_pb2.Tensor] = []
+
+    def Perturb(self, request, context):
+        with self.lock:
+            self.tensors.append(request.probabilities)
+        return defense_pb2.PerturbResponse(probabilities=request.probabilities)
+
+
+@pytest.fixture
+def counting():
+    servicer = CountingDefense()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    defense_pb2_grpc.add_DefenseServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", servicer
+    server.stop(grace=None)
+
+
+def assert_latency_block(block: dict) -> None:
+    assert LATENCY_KEYS <= set(block)
+    values = [block[k] for k in ("p50", "p90", "p99", "p999", "max")]
+    assert values == sorted(values) and values[0] > 0
+
+
+# --- against the sidecar -----------------------------------------------------------------
+
+
+def test_closed_loop_json_has_the_schema(sidecar):
+    doc = load_json("--target", sidecar, "--model", "mnist", "--concurrency", "4",
+                    "--duration", "1s")
+    assert doc["mode"] == "closed" and doc["corrected"] is False
+    assert doc["requests"] == doc["ok"] > 0 and doc["errors"] == {}
+    assert doc["rps"] == pytest.approx(doc["requests"] / doc["duration_s"], rel=0.01)
+    assert_latency_block(doc["latency_ms"])
+    assert "uncorrected_latency_ms" not in doc
+    assert doc["client"]["host_cpus"] >= 1 and len(doc["client"]["cpu_per_proc"]) == 1
+
+
+def test_open_loop_json_reports_corrected_and_uncorrected_latency(sidecar):
+    doc = load_json("--target", sidecar, "--model", "mnist", "--rps", "200", "--duration",
+                    "1s", "--arrival", "poisson")
+    assert doc["mode"] == "open" and doc["corrected"] is True
+    assert doc["requested_rps"] == 200 and doc["arrival"] == "poisson"
+    assert 120 <= doc["requests"] <= 280  # Poisson count over 1 s at 200/s: 200 +- 5 sigma
+    assert_latency_block(doc["latency_ms"])
+    assert_latency_block(doc["uncorrected_latency_ms"])
+    # Corrected >= uncorrected call by call, so at every percentile too.
+    for key in LATENCY_KEYS:
+        assert doc["latency_ms"][key] >= doc["uncorrected_latency_ms"][key]
+
+
+@pytest.mark.parametrize("extra", [["--concurrency", "8"], ["--rps", "500"],
+                                   ["--procs", "2", "--concurrency", "3"]])
+def test_total_issues_exactly_that_many_calls(sidecar, extra):
+    doc = load_json("--target", sidecar, "--model", "mnist", "--total", "137", *extra)
+    assert doc["requests"] == doc["ok"] == 137
+
+
+def test_errors_are_counted_by_status_code(sidecar, tmp_path):
+    doc = load_json("--target", sidecar, "--model", "nope", "--total", "25")
+    assert doc["errors"] == {"NOT_FOUND": 25} and doc["ok"] == 0
+    assert doc["latency_ms"] is None and "no call succeeded" in " ".join(doc["warnings"])
+    rows = tmp_path / "bad.npy"
+    np.save(rows, np.full((4, 3), 0.5, dtype=np.float32))  # rows sum to 1.5
+    doc = load_json("--target", sidecar, "--model", "mnist", "--total", "10", "--payload",
+                    str(rows))
+    assert doc["errors"] == {"INVALID_ARGUMENT": 10}
+
+
+def test_perturb_stream_times_each_message_on_long_lived_streams(sidecar):
+    doc = load_json("--target", sidecar, "--model", "mnist", "--method", "perturb-stream",
+                    "--total", "300", "--concurrency", "3")
+    assert doc["requests"] == doc["ok"] == 300
+    assert_latency_block(doc["latency_ms"])
+
+
+# --- the proof that the correction works -------------------------------------------------
+
+
+def test_corrected_p99_shows_a_server_stall_that_uncorrected_hides():
+    """A server that pauses 200 ms once a second, driven at 200 calls/s with one call in
+    flight (wrk2 with one connection): each pause delays one call by 200 ms (0.5% of calls,
+    below p99) but the 40 calls scheduled during it all start late (20% of calls)."""
+    process, address = start_echo("--stall", "200ms", "--stall-every", "1s")
+    try:
+        doc = load_json("--target", address, "--rps", "200", "--concurrency", "1",
+                        "--duration", "5s")
+    finally:
+        process.stop()
+    assert doc["ok"] == doc["requests"] >= 900
+    assert doc["latency_ms"]["p99"] >= 150
+    assert doc["uncorrected_latency_ms"]["p99"] < 50
+    assert doc["uncorrected_latency_ms"]["max"] >= 150  # the stall happened, ghz-style p99 hid it
+
+
+# --- payloads, methods and outputs -------------------------------------------------------
+
+
+def test_payload_rows_are_sent_in_batches_wrapping_around_the_file(counting, tmp_path):
+    address, servicer = counting
+    rows = np.eye(5, 4, dtype=np.float64)[[0, 1, 2, 3, 0]]  # 5 one-hot rows, 4 classes
+    path = tmp_path / "rows.npy"
+    np.save(path, rows)
+    doc = load_json("--target", address, "--total", "2", "--concurrency", "1", "--batch", "3",
+                    "--payload", str(path))
+    assert doc["ok"] == 2 and len(servicer.tensors) == 2
+    sent = [np.frombuffer(t.data, "<f8").reshape(tuple(t.shape)) for t in servicer.tensors]
+    assert all(t.dtype == defense_pb2.FLOAT64 for t in servicer.tensors)
+    np.testing.assert_array_equal(np.concatenate(sent), rows[[0, 1, 2, 3, 4, 0]])
+
+
+def test_synthetic_rows_are_probability_rows_of_the_requested_shape(counting):
+    address, servicer = counting
+    doc = load_json("--target", address, "--total", "20", "--batch", "4", "--classes", "7")
+    assert doc["ok"] == 20
+    for t in servicer.tensors:
+        rows = np.frombuffer(t.data, "<f4").reshape(tuple(t.shape))
+        assert rows.shape == (4, 7) and np.all(rows >= 0)
+        np.testing.assert_allclose(rows.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_predictions_method_sends_npy_batches(echo):
+    doc = load_json("--target", echo, "--method", "predictions", "--model", "mnist",
+                    "--total", "20", "--batch", "2")
+    assert doc["requests"] == doc["ok"] == 20 and doc["classes"] is None
+
+
+def test_csv_has_one_row_per_latency_figure(echo):
+    done = load("--target", echo, "--rps", "100", "--total", "30", "--format", "csv")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("latency,method,mode")
+    assert [line.split(",")[0] for line in lines[1:]] == ["corrected", "uncorrected"]
+
+
+def test_table_and_histogram_png(echo, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "latency.png"
+    done = load("--target", echo, "--total", "50", "--histogram", str(png))
+    assert done.returncode == 0, done.stderr
+    assert "requests    50" in done.stdout and "p99.9" in done.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- errors a person can act on ----------------------------------------------------------
+
+
+def test_unreachable_target_is_one_line_and_exit_1():
+    done = load("--target", f"127.0.0.1:{free_port()}", "--total", "5")
+    assert done.returncode == 1 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach 127.0.0.1:" in lines[0]
+
+
+@pytest.mark.parametrize("args, flags", [
+    (["--total", "5", "--duration", "1s"], ["--duration", "--total"]),
+    (["--arrival", "poisson"], ["--arrival", "--rps"]),
+    (["--payload", "x.npy", "--classes", "3"], ["--classes", "--payload"]),
+    (["--method", "predictions"], ["--model"]),
+    (["--rps", "0"], ["--rps"]),
+    (["--procs", "2", "--concurrency", "1"], ["--concurrency", "--procs"]),
+    (["--duration", "soon"], ["--duration"]),
+])
+def test_contradictory_or_bad_flags_are_a_usage_error_naming_them(args, flags):
+    done = load("--target", "127.0.0.1:1", *args)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(flag in lines[0] for flag in flags), lines
+
+
+def test_unreadable_payload_is_a_usage_error(tmp_path):
+    bad = tmp_path / "bad.npy"
+    bad.write_text("not numpy")
+    done = load("--target", "127.0.0.1:1", "--payload", str(bad))
+    assert done.returncode == 2 and "--payload" in done.stderr
