@@ -1,0 +1,127 @@
+"""What every defense shares: parameter checks, input handling, kernel dispatch.
+
+A defense is a small class (the ART shape): its constructor checks and stores parameters,
+`__call__(probs, logits=False)` returns a new array of the same shape and dtype. The
+subclass supplies two numba kernels with the same signature,
+`kernel(y, out, n, k, check, *args) -> int`, working on the flat C-order (n, k) arrays y
+and out and returning the first invalid row (checked only when `check`) or -1:
+`_serial` for the small batches of the sidecar's hot path and `_parallel` (prange over
+blocks of rows) for batches big enough to amortise starting threads.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import numpy as np
+
+from ._validation import F32, F64, as_rows, first_invalid_row, row_error, softmax
+
+# Batches with fewer values than this run on one thread: waking numba's thread pool costs
+# more than it saves below this size (see bench/kernels.py --threshold).
+PARALLEL_MIN_VALUES = 1 << 16
+
+
+def positive(name: str, value: object) -> float:
+    """`value` as a float > 0, or ValueError naming the parameter and the range."""
+    return _number(name, value, lambda v: v > 0, "a finite number > 0 (range (0, inf))")
+
+
+def in_range(name: str, value: object, low: float, high: float) -> float:
+    """`value` as a float in [low, high], or ValueError naming the parameter and range."""
+    return _number(name, value, lambda v: low <= v <= high, f"a number in [{low:g}, {high:g}]")
+
+
+def integer(name: str, value: object, low: int, high: int) -> int:
+    """`value` as an int in [low, high] (3.0 is accepted), or ValueError."""
+    v = _number(name, value, lambda v: v == int(v) and low <= v <= high,
+                f"an integer in [{low}, {high}]")
+    return int(v)
+
+
+def flag(name: str, value: object) -> bool:
+    """`value` as a bool (True/False or 1/0), or ValueError naming the parameter."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, float, np.integer, np.floating)) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{name} must be true or false (or 1/0), got {value!r}")
+
+
+def _number(name, value, ok, expected) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or not ok(v):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return v
+
+
+class Defense:
+    """Base class of every defense; see the module docstring for the kernel contract."""
+
+    name: ClassVar[str] = ""
+    #: True if every output row has the input row's numpy.argmax.
+    preserves_top1: ClassVar[bool] = False
+    #: True if the constructor takes the server `secret` (the keyed random defenses).
+    keyed: ClassVar[bool] = False
+    _serial: ClassVar = None
+    _parallel: ClassVar = None
+
+    def __init__(self) -> None:
+        self._args = {F32: self._kernel_args(np.float32), F64: self._kernel_args(np.float64)}
+
+    @property
+    def params(self) -> dict[str, float]:
+        """The parameters as numbers (bools as 0.0/1.0), e.g. for ListPolicies."""
+        return {}
+
+    def _kernel_args(self, dtype) -> tuple:
+        """Extra kernel arguments after `check`, typed for input of `dtype`."""
+        return ()
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v:g}" for k, v in self.params.items())
+        return f"{type(self).__name__}({args})"
+
+    def __call__(self, probs: np.ndarray, logits: bool = False) -> np.ndarray:
+        """Perturb `probs` (1-D row or 2-D rows x classes, float32/float64).
+
+        Returns a new array of the same shape and dtype; `probs` is never written. With
+        `logits=True` the values are logits and a stable softmax (sigmoid for one column)
+        comes first. A single column holds positive-class probabilities p and is defended
+        as the rows (1 - p, p). Raises ValueError naming the first invalid row and why.
+        """
+        rows = as_rows(probs)
+        check = not logits
+        if logits:
+            rows = softmax(rows)
+        n, k = rows.shape
+        if n == 0:
+            return np.empty(np.shape(probs), rows.dtype)
+        if k == 1:
+            return self._binary(rows, check).reshape(np.shape(probs))
+        out = np.empty((n, k), rows.dtype)
+        y = rows.reshape(-1)
+        kernel = self._serial if n * k < PARALLEL_MIN_VALUES else self._parallel
+        bad = kernel(y, out.reshape(-1), n, k, check, *self._args[rows.dtype])
+        if bad >= 0:
+            raise row_error(rows, bad)
+        return out.reshape(np.shape(probs))
+
+    def _binary(self, column: np.ndarray, check: bool) -> np.ndarray:
+        n = column.shape[0]
+        if check:
+            bad = first_invalid_row(column.reshape(-1), n, 1)
+            if bad >= 0:
+                raise row_error(column, bad)
+        pairs = np.empty((n, 2), column.dtype)
+        pairs[:, 1] = column[:, 0]
+        pairs[:, 0] = 1 - column[:, 0]
+        out = np.empty_like(pairs)
+        kernel = self._serial if 2 * n < PARALLEL_MIN_VALUES else self._parallel
+        kernel(pairs.reshape(-1), out.reshape(-1), n, 2, False, *self._args[column.dtype])
+        return out[:, 1].copy()
