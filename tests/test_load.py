@@ -5,6 +5,7 @@ script; numbers asserted are counts and the shape of the latency distribution, n
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -65,21 +66,31 @@ class CountingDefense(defense_pb2_grpc.DefenseServicer):
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.tensors: list[defense_pb2.Tensor] = []
+        self.metadata: list[dict[str, str]] = []
 
     def Perturb(self, request, context):
         with self.lock:
             self.tensors.append(request.probabilities)
+            self.metadata.append(dict(context.invocation_metadata()))
         return defense_pb2.PerturbResponse(probabilities=request.probabilities)
+
+
+def start_counting(credentials=None):
+    servicer = CountingDefense()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    defense_pb2_grpc.add_DefenseServicer_to_server(servicer, server)
+    if credentials is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    return server, f"127.0.0.1:{port}", servicer
 
 
 @pytest.fixture
 def counting():
-    servicer = CountingDefense()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    defense_pb2_grpc.add_DefenseServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}", servicer
+    server, address, servicer = start_counting()
+    yield address, servicer
     server.stop(grace=None)
 
 
@@ -207,6 +218,28 @@ def test_table_and_histogram_png(echo, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "requests    50" in done.stdout and "p99.9" in done.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tls_and_token_reach_a_tls_server_and_plaintext_does_not(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    creds = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    server, address, servicer = start_counting(creds)
+    try:
+        doc = load_json("--target", address, "--total", "3", "--tls-ca", str(cert),
+                        "--tls-server-name", "localhost", "--token-file", str(token))
+        plain = load("--target", address, "--total", "3", "--connect-timeout", "2s")
+    finally:
+        server.stop(grace=None)
+    assert doc["ok"] == 3
+    assert {m["authorization"] for m in servicer.metadata} == {"Bearer s3cret"}
+    assert plain.returncode == 1 and "cannot reach" in plain.stderr
 
 
 # --- errors a person can act on ----------------------------------------------------------

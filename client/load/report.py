@@ -62,6 +62,7 @@ def summarize(result: RunResult) -> dict:
     doc["client"] = {
         "cpu_s": [round(c, 3) for c in result.cpu_s],
         "cpu_per_proc": [round(u, 3) for u in util],
+        "cpu_us_per_call": round(1e6 * sum(result.cpu_s) / max(1, result.requests), 1),
         "host_cpus": os.cpu_count(),
         "saturated": client_saturated,
     }
@@ -133,8 +134,9 @@ def table(doc: dict) -> str:
         cells = [_fmt(lat and lat[k]) for k in ("p50", "p90", "p99", "p999", "max")]
         lines.append(f"  {name:<11}" + "".join(f"{c:>9}" for c in cells))
     cpu = ", ".join(f"{u:.0%}" for u in doc["client"]["cpu_per_proc"])
-    lines += ["", f"  client CPU  {cpu} of a core per process ({doc['client']['host_cpus']} "
-                  "cores on this host)"]
+    lines += ["", f"  client CPU  {cpu} of a core per process, "
+                  f"{doc['client']['cpu_us_per_call']:.0f} us per call "
+                  f"({doc['client']['host_cpus']} cores on this host)"]
     for w in doc["warnings"]:
         lines.append(f"  WARNING: {w}")
     return "\n".join(lines) + "\n"
