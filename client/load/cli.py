@@ -180,8 +180,7 @@ class _Bar:
             self.bar = tqdm(total=cfg.total, unit="call", file=sys.stderr, leave=False)
         else:
             self.bar = tqdm(total=round(cfg.duration, 1), unit="s", file=sys.stderr,
-                            leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s "
-                                                    "{postfix}")
+                            leave=False, bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f}s{postfix}")
 
     def __call__(self, count: int) -> None:
         if self.cfg.total is not None:
