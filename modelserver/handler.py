@@ -1,0 +1,128 @@
+"""The handler pipeline of one model: preprocess → inference → protect → postprocess.
+
+    preprocess   the request's `data` (PNG or .npy) → a float32 batch (inputs.py)
+    inference    the torch module → logits → softmax in float64 → probabilities
+    protect      the sidecar (`stealguard.client.protect_async`, fail-closed: if the sidecar
+                 cannot answer, label-only one-hot rows, never the raw probabilities);
+                 skipped for a model whose policy is `none`
+    postprocess  JSON: the probability vector, or a list of vectors for a batch
+
+`Models` holds the handlers of every model in the store. Nothing here sees a protobuf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from pathlib import Path
+
+import numpy as np
+import torch
+from stealguard.client import AsyncDefenseClient, protect_async
+from stealguard.modelserver.inputs import InputError, decode_input
+from stealguard.modelserver.store import ModelSpec, UnknownModel
+
+INFERENCE_CHUNK = 256  # rows per forward pass, so a large batch cannot exhaust memory
+DATA_KEYS = ("data", "body")  # TorchServe's handlers read either key
+
+
+class Handler:
+    """One model's pipeline. `handle(inputs)` returns the JSON `prediction` bytes."""
+
+    def __init__(self, spec: ModelSpec, module: torch.nn.Module,
+                 sidecar: AsyncDefenseClient | None, executor: Executor | None = None):
+        if spec.protected and sidecar is None:
+            raise ValueError(f"model {spec.name!r} has policy {spec.policy!r}: it needs a sidecar")
+        self.spec = spec
+        self.module = module
+        self.sidecar = sidecar
+        self.executor = executor
+
+    def preprocess(self, inputs: Mapping[str, bytes]) -> tuple[np.ndarray, bool]:
+        """The request's input map → (float32 batch (N, *input_shape), is_batch)."""
+        data = next((inputs[key] for key in DATA_KEYS if key in inputs), None)
+        if data is None:
+            given = ", ".join(repr(k) for k in inputs) or "none"
+            raise InputError(f"input 'data' is missing (keys given: {given}); "
+                             "put the PNG or .npy bytes under 'data'")
+        return decode_input(data, self.spec.input_shape)
+
+    def inference(self, batch: np.ndarray) -> np.ndarray:
+        """float32 batch → float64 probabilities (N, classes)."""
+        rows = []
+        with torch.inference_mode():
+            for start in range(0, len(batch), INFERENCE_CHUNK):
+                logits = self.module(torch.from_numpy(batch[start : start + INFERENCE_CHUNK]))
+                rows.append(torch.softmax(logits.double(), dim=1).numpy())
+        probs = np.concatenate(rows)
+        if probs.shape[1] != len(self.spec.labels):
+            raise RuntimeError(f"model {self.spec.name!r} returned {probs.shape[1]} classes, "
+                               f"its manifest lists {len(self.spec.labels)} labels")
+        return probs
+
+    async def protect(self, probs: np.ndarray) -> np.ndarray:
+        """The sidecar's perturbation of `probs`, failing closed; identity for policy none."""
+        if not self.spec.protected:
+            return probs
+        return await protect_async(self.sidecar, probs, model=self.spec.policy)
+
+    def postprocess(self, probs: np.ndarray, is_batch: bool) -> bytes:
+        """JSON: one probability vector, or a list of them for a batch."""
+        return json.dumps(probs.tolist() if is_batch else probs[0].tolist()).encode()
+
+    def _preprocess_and_infer(self, inputs: Mapping[str, bytes]) -> tuple[np.ndarray, bool]:
+        batch, is_batch = self.preprocess(inputs)
+        return self.inference(batch), is_batch
+
+    async def handle(self, inputs: Mapping[str, bytes]) -> bytes:
+        """Run the pipeline. Raises InputError for input the model cannot take."""
+        loop = asyncio.get_running_loop()
+        # decoding and the forward pass run off the event loop (torch releases the GIL)
+        probs, is_batch = await loop.run_in_executor(
+            self.executor, self._preprocess_and_infer, inputs
+        )
+        return self.postprocess(await self.protect(probs), is_batch)
+
+
+def load_module(spec: ModelSpec) -> torch.nn.Module:
+    """The torch module a manifest describes, in eval mode."""
+    if spec.architecture == "torchscript":
+        module = torch.jit.load(str(spec.weights), map_location="cpu")
+    else:
+        from stealguard.attacks.architectures import build_model
+
+        module = build_model(spec.architecture, spec.input_shape, len(spec.labels))
+        module.load_state_dict(torch.load(spec.weights, map_location="cpu", weights_only=True))
+    return module.eval()
+
+
+class Models:
+    """The handlers of every model in a store, found by name (and optional version)."""
+
+    def __init__(self, specs: Mapping[str, ModelSpec], sidecar: AsyncDefenseClient | None,
+                 executor: Executor | None = None):
+        modules: dict[Path, torch.nn.Module] = {}  # models that share weights share a module
+        self.handlers: dict[str, Handler] = {}
+        for name, spec in specs.items():
+            key = spec.weights.resolve()
+            if key not in modules:
+                modules[key] = load_module(spec)
+            self.handlers[name] = Handler(spec, modules[key], sidecar, executor)
+
+    def warm_up(self) -> None:
+        """One forward pass per model, so the first request is not the slow one."""
+        for handler in self.handlers.values():
+            handler.inference(np.zeros((1, *handler.spec.input_shape), np.float32))
+
+    def get(self, name: str, version: str = "") -> Handler:
+        """The handler for `name`; raises UnknownModel naming the models that exist."""
+        handler = self.handlers.get(name)
+        if handler is None:
+            known = ", ".join(sorted(self.handlers)) or "none"
+            raise UnknownModel(f"model {name!r} is not in the model store (models: {known})")
+        if version and version != handler.spec.version:
+            raise UnknownModel(f"model {name!r} has no version {version!r} "
+                               f"(version: {handler.spec.version})")
+        return handler
