@@ -40,6 +40,9 @@ class Config:
     metrics_port: int = 0
     max_message_bytes: int = 64 * 1024 * 1024
     max_rows: int = 65536
+    # Proxy mode only (`stealguard-sidecar proxy`): the real model server and its API.
+    upstream: str = ""
+    protocol: str = "torchserve"
     policies: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {"default": dict(DEFAULT_POLICY)}
     )
@@ -55,7 +58,7 @@ class Config:
 
 
 _INT_KEYS = {"workers", "metrics_port", "max_message_bytes", "max_rows"}
-_STR_KEYS = {"listen", "log_level", "secret"}
+_STR_KEYS = {"listen", "log_level", "secret", "upstream", "protocol"}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 # Keys of the default policy that flags and environment may set.
 _POLICY_OVERRIDES = ("defense", "beta", "gamma")
@@ -71,7 +74,8 @@ def load_config(
     `env` defaults to `os.environ` (keys `STEALGUARD_LISTEN`, `STEALGUARD_WORKERS`,
     `STEALGUARD_LOG_LEVEL`, `STEALGUARD_SECRET`, `STEALGUARD_METRICS_PORT`,
     `STEALGUARD_MAX_ROWS`, `STEALGUARD_MAX_MESSAGE_BYTES`, `STEALGUARD_DEFENSE`,
-    `STEALGUARD_BETA`, `STEALGUARD_GAMMA`; `STEALGUARD_CONFIG` names the file when `path`
+    `STEALGUARD_BETA`, `STEALGUARD_GAMMA`, and for proxy mode `STEALGUARD_UPSTREAM`,
+    `STEALGUARD_PROTOCOL`; `STEALGUARD_CONFIG` names the file when `path`
     is None). `overrides` holds CLI flags by key; None values are ignored. `defense`,
     `beta` and `gamma` change the `default` policy; a new `defense` replaces its parameters.
     """

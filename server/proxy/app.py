@@ -1,0 +1,78 @@
+"""Assemble and run the proxy: one `GrpcApp`, one upstream channel, one health watcher.
+
+Health (grpc.health.v1, service "" and the proxied service's name) is SERVING only while
+the kernels are warm and the upstream reports itself ready (TorchServe `Ping`, v2
+`ServerReady`), polled every `health_interval` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from stealguard.server.config import Config
+from stealguard.server.defenses import warm_up
+from stealguard.server.proxy.errors import UpstreamError
+from stealguard.server.proxy.options import ProxyPolicies
+from stealguard.server.proxy.torchserve import TorchServeProxy
+from stealguard.server.proxy.upstream import Upstream
+from stealguard.server.proxy.v2 import V2Proxy
+from stealguard.server.server import GrpcApp
+
+log = logging.getLogger("stealguard.proxy")
+
+PROTOCOLS = {"torchserve": TorchServeProxy, "v2": V2Proxy}
+
+
+async def run_proxy(config: Config, *, reuse_port: bool = False,
+                    health_interval: float = 1.0) -> None:
+    """Serve `config.protocol` on `config.listen` in front of `config.upstream` until a signal."""
+    policies = ProxyPolicies.from_config(config.policies, config.secret_bytes())
+    upstream = Upstream(config.upstream, max_message_bytes=config.max_message_bytes)
+    proxy = PROTOCOLS[config.protocol](upstream, policies)
+    app = GrpcApp(config.listen, [proxy.service],
+                  max_message_bytes=config.max_message_bytes, reuse_port=reuse_port)
+    proxy.add_to(app.server)
+    watcher: asyncio.Task | None = None
+
+    def refuse() -> None:
+        proxy.not_serving = "the proxy is draining; retry on another instance"
+        if watcher is not None:
+            watcher.cancel()
+
+    app.on_drain.append(refuse)
+    port = await app.start()
+    host = config.listen.rsplit(":", 1)[0]
+    log.info("proxy (%s) listening on %s:%d (pid %d) for upstream %s, policies: %s",
+             config.protocol, host, port, os.getpid(), config.upstream,
+             ", ".join(f"{p.name}={p.policy.defense_name}" for p in policies))
+    seconds = await asyncio.get_running_loop().run_in_executor(None, warm_up)
+    log.info("kernels warm in %.2fs", seconds)
+    if proxy.not_serving is None or "draining" not in proxy.not_serving:
+        proxy.not_serving = None
+        watcher = asyncio.create_task(watch_upstream(app, proxy, health_interval))
+    try:
+        await app.wait_and_drain()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        await upstream.close()
+
+
+async def watch_upstream(app: GrpcApp, proxy, interval: float) -> None:
+    """Poll the upstream's readiness forever; report each change through health."""
+    serving = None
+    while True:
+        try:
+            ready, why = await proxy.upstream_ready(timeout=interval), "reports not ready"
+        except UpstreamError as error:
+            ready, why = False, str(error)
+        if ready != serving:
+            if ready:
+                log.info("upstream %s is ready: SERVING", proxy.upstream.address)
+            else:
+                log.warning("upstream %s %s: NOT_SERVING", proxy.upstream.address, why)
+            await app.set_serving(ready)
+            serving = ready
+        await asyncio.sleep(interval)

@@ -1,0 +1,86 @@
+"""`stealguard-sidecar proxy`: start the proxy in front of a TorchServe or v2 model server.
+
+Same configuration as the sidecar (one loader: `--config` YAML < `STEALGUARD_*` < flags),
+plus `upstream` and `protocol`. A mistake is one line naming the flag or key, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from stealguard.server.config import ConfigError, load_config
+
+PROTOCOL_NAMES = ("torchserve", "v2")
+_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):([0-9]{1,5})$")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stealguard-sidecar proxy",
+        description="Serve a model server's own gRPC inference API (TorchServe or the Open "
+        "Inference Protocol v2), forward every call to it and protect the probabilities in "
+        "its answers with the policy of the requested model.",
+    )
+    parser.add_argument("--listen", help="address to serve on (default: config `listen`)")
+    parser.add_argument("--upstream", help="HOST:PORT of the model server's gRPC inference "
+                        "API (also `upstream:` in the config, STEALGUARD_UPSTREAM)")
+    parser.add_argument("--protocol", choices=PROTOCOL_NAMES,
+                        help="API of the upstream (default torchserve)")
+    parser.add_argument("--config", help="YAML config file (also STEALGUARD_CONFIG)")
+    parser.add_argument("--defense", help="defense of the default policy (e.g. reverse_sigmoid)")
+    parser.add_argument("--beta", type=float, help="beta of the default policy")
+    parser.add_argument("--gamma", type=float, help="gamma of the default policy")
+    parser.add_argument("--workers", type=int, help="processes serving one port (default 1)")
+    parser.add_argument("--health-interval", type=_positive_seconds, default=1.0,
+                        help="seconds between polls of the upstream's readiness (default 1)")
+    parser.add_argument("--log-level", dest="log_level",
+                        choices=["debug", "info", "warning", "error"], help="default info")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `stealguard-sidecar proxy`; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "health_interval")}
+    try:
+        config = load_config(args.config, overrides=flags)
+        if not config.upstream:
+            raise ConfigError("--upstream is required: HOST:PORT of the model server to "
+                              "protect (or `upstream:` in --config, or STEALGUARD_UPSTREAM)")
+        if not _HOST_PORT.match(config.upstream):
+            raise ConfigError(f"--upstream must be HOST:PORT, got {config.upstream!r}")
+        if config.protocol not in PROTOCOL_NAMES:
+            raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOL_NAMES)}, got "
+                              f"{config.protocol!r}")
+        config.ensure_secret()
+        # Imported here: numba and grpc load only once the arguments are known to be good.
+        from stealguard.server.cli import configure_logging
+        from stealguard.server.proxy.app import run_proxy
+        from stealguard.server.proxy.options import ProxyPolicies
+        from stealguard.server.server import serve_workers
+
+        configure_logging(config.log_level)
+        ProxyPolicies.from_config(config.policies, config.secret_bytes())  # fail before forking
+        return serve_workers(config, lambda c, reuse: run_proxy(
+            c, reuse_port=reuse, health_interval=args.health_interval))
+    except (ConfigError, OSError) as error:
+        parser.exit(2, f"stealguard-sidecar proxy: error: {error}\n")
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
