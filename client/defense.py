@@ -1,0 +1,168 @@
+"""Clients of the sidecar's Defense API: `DefenseClient` (blocking) and `AsyncDefenseClient`.
+
+Each holds one channel for its lifetime and puts a deadline on every call. Errors are
+`SidecarError` with the gRPC status code, so callers can tell a bad request
+(INVALID_ARGUMENT) from a sidecar that is down (UNAVAILABLE, DEADLINE_EXCEEDED).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from stealguard.server.codec import array_to_tensor, tensor_to_array
+from stealguard.v1 import defense_pb2, defense_pb2_grpc
+
+_MAX_MESSAGE = 64 * 1024 * 1024
+
+
+class SidecarError(RuntimeError):
+    """A Defense call failed; `code` is the `grpc.StatusCode`, `details` the server's text."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+def channel_credentials(
+    tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials from PEM files (CA to trust; client cert and key for mutual TLS)."""
+    if not (tls_ca or tls_cert or tls_key):
+        return None
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("tls_cert and tls_key go together: give both for mutual TLS, or neither")
+    read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+    return grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
+
+
+def _channel_args(options: list[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", _MAX_MESSAGE),
+        ("grpc.max_send_message_length", _MAX_MESSAGE),
+        *(options or []),
+    ]
+
+
+def _request(probs: np.ndarray, model: str, logits: bool, request_id: str):
+    array = np.asarray(probs)
+    if array.dtype.kind != "f":
+        array = array.astype(np.float64)
+    return defense_pb2.PerturbRequest(
+        probabilities=array_to_tensor(array), model=model, logits=logits, request_id=request_id
+    )
+
+
+def _policies(response: defense_pb2.ListPoliciesResponse) -> list[dict[str, Any]]:
+    return [
+        {"name": p.name, "defense": p.defense, "params": dict(p.params)}
+        for p in response.policies
+    ]
+
+
+class _Base:
+    def __init__(self, target: str, timeout: float, token: str | None,
+                 credentials: grpc.ChannelCredentials | None):
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.target = target
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._credentials = credentials
+
+
+class DefenseClient(_Base):
+    """Blocking client: `perturb(probs, model="", logits=False) -> np.ndarray`."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float = 1.0, *,
+                 token: str | None = None, credentials: grpc.ChannelCredentials | None = None,
+                 options: list[tuple[str, Any]] | None = None):
+        super().__init__(target, timeout, token, credentials)
+        args = _channel_args(options)
+        self.channel = (
+            grpc.secure_channel(target, credentials, options=args)
+            if credentials
+            else grpc.insecure_channel(target, options=args)
+        )
+        self._stub = defense_pb2_grpc.DefenseStub(self.channel)
+
+    def perturb(self, probs: np.ndarray, model: str = "", logits: bool = False, *,
+                request_id: str = "") -> np.ndarray:
+        """The protected copy of `probs` (1-D or 2-D float); raises `SidecarError`."""
+        request = _request(probs, model, logits, request_id)
+        try:
+            response = self._stub.Perturb(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise SidecarError(error.code(), error.details() or "") from None
+        return tensor_to_array(response.probabilities)
+
+    def policies(self) -> list[dict[str, Any]]:
+        """Every policy the sidecar holds: [{"name", "defense", "params"}]."""
+        try:
+            response = self._stub.ListPolicies(
+                defense_pb2.ListPoliciesRequest(), timeout=self.timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise SidecarError(error.code(), error.details() or "") from None
+        return _policies(response)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> DefenseClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncDefenseClient(_Base):
+    """asyncio client with the same methods as `DefenseClient`, awaited.
+
+    Create it inside the event loop that will use it.
+    """
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float = 1.0, *,
+                 token: str | None = None, credentials: grpc.ChannelCredentials | None = None,
+                 options: list[tuple[str, Any]] | None = None):
+        super().__init__(target, timeout, token, credentials)
+        args = _channel_args(options)
+        self.channel = (
+            grpc.aio.secure_channel(target, credentials, options=args)
+            if credentials
+            else grpc.aio.insecure_channel(target, options=args)
+        )
+        self._stub = defense_pb2_grpc.DefenseStub(self.channel)
+
+    async def perturb(self, probs: np.ndarray, model: str = "", logits: bool = False, *,
+                      request_id: str = "") -> np.ndarray:
+        """The protected copy of `probs`; raises `SidecarError`."""
+        request = _request(probs, model, logits, request_id)
+        try:
+            response = await self._stub.Perturb(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise SidecarError(error.code(), error.details() or "") from None
+        return tensor_to_array(response.probabilities)
+
+    async def policies(self) -> list[dict[str, Any]]:
+        try:
+            response = await self._stub.ListPolicies(
+                defense_pb2.ListPoliciesRequest(), timeout=self.timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise SidecarError(error.code(), error.details() or "") from None
+        return _policies(response)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncDefenseClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

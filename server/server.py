@@ -1,0 +1,214 @@
+"""The one place that starts a stealguard gRPC server (sidecar and proxy alike).
+
+`GrpcApp` assembles a `grpc.aio` server with health and reflection, binds the port,
+and drains on SIGTERM/SIGINT: health goes NOT_SERVING, new calls are refused, calls
+in flight get `grace` seconds. `serve_workers` forks N processes that share one port
+through SO_REUSEPORT, before any gRPC object exists in the parent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from stealguard.server.config import Config
+from stealguard.server.defenses import warm_up
+from stealguard.server.policies import PolicySet
+from stealguard.server.servicer import DefenseServicer
+from stealguard.v1 import defense_pb2, defense_pb2_grpc
+
+log = logging.getLogger("stealguard.sidecar")
+
+DEFENSE_SERVICE = defense_pb2.DESCRIPTOR.services_by_name["Defense"].full_name
+
+
+class GrpcApp:
+    """A grpc.aio server with health, reflection, signal handling and graceful drain."""
+
+    def __init__(self, listen: str, services: Iterable[str], *, max_message_bytes: int,
+                 reuse_port: bool = False, grace: float = 5.0):
+        self.listen = listen
+        self.services = list(services)
+        self.grace = grace
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ]
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self._stop = asyncio.Event()
+        self.on_drain: list[Callable[[], None]] = []
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report SERVING or NOT_SERVING for the whole server and each service."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.services):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        """Bind and start, NOT_SERVING until `set_serving(True)`. Returns the bound port."""
+        await self.set_serving(False)
+        try:
+            port = self.server.add_insecure_port(self.listen)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise OSError(f"cannot listen on {self.listen}: address in use or not valid")
+        await self.server.start()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        return port
+
+    async def unless_stopped(self, work: Callable[[], Any]) -> Any:
+        """Run blocking `work` in a daemon thread; None if a stop signal comes first.
+
+        A daemon thread, so that SIGTERM during a long compile still ends the process.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def target() -> None:
+            try:
+                result = work()
+            except BaseException as error:  # noqa: BLE001 - handed to the loop
+                loop.call_soon_threadsafe(_settle, done, None, error)
+            else:
+                loop.call_soon_threadsafe(_settle, done, result, None)
+
+        threading.Thread(target=target, name="stealguard-warm-up", daemon=True).start()
+        stop = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({done, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if done.done():
+            stop.cancel()
+            return done.result()
+        return None
+
+    async def wait_and_drain(self) -> None:
+        """Block until SIGTERM/SIGINT, then drain and stop."""
+        await self._stop.wait()
+        log.info("draining: refusing new calls, %.1fs grace for calls in flight", self.grace)
+        for hook in self.on_drain:
+            hook()
+        await self.set_serving(False)
+        await self.server.stop(self.grace)
+        log.info("stopped")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+
+async def run_sidecar(config: Config, *, reuse_port: bool = False) -> None:
+    """Run the Defense service until a stop signal; NOT_SERVING until kernels are warm."""
+    policies = PolicySet.from_config(config.policies, config.secret_bytes())
+    servicer = DefenseServicer(policies, max_rows=config.max_rows)
+    app = GrpcApp(config.listen, [DEFENSE_SERVICE],
+                  max_message_bytes=config.max_message_bytes, reuse_port=reuse_port)
+    defense_pb2_grpc.add_DefenseServicer_to_server(servicer, app.server)
+
+    def refuse() -> None:
+        servicer.not_serving = "the sidecar is draining; retry on another instance"
+
+    app.on_drain.append(refuse)
+    port = await app.start()
+    host = config.listen.rsplit(":", 1)[0]
+    log.info("listening on %s:%d (pid %d), policies: %s", host, port, os.getpid(),
+             ", ".join(f"{p.name}={p.defense_name}" for p in policies))
+    seconds = await app.unless_stopped(warm_up)
+    if seconds is not None:
+        servicer.not_serving = None
+        await app.set_serving(True)
+        log.info("ready: kernels warm in %.2fs", seconds)
+    await app.wait_and_drain()
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker when its parent dies (even by SIGKILL)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def serve_workers(config: Config,
+                  run: Callable[[Config, bool], Coroutine[Any, Any, None]]) -> int:
+    """Run `run(config, reuse_port)` in `config.workers` processes on one port.
+
+    With one worker it runs in this process. Otherwise the parent forks the workers
+    before any gRPC object exists, forwards SIGTERM/SIGINT to them, and exits with the
+    first non-zero worker exit code (0 when all stop cleanly).
+    """
+    if config.workers == 1:
+        asyncio.run(run(config, False))
+        return 0
+    if config.listen.endswith(":0"):
+        raise OSError("--workers > 1 needs a fixed port: port 0 would give each worker its own")
+    children = []
+    for _ in range(config.workers):
+        pid = os.fork()
+        if pid == 0:  # worker
+            _die_with_parent()
+            code = 0
+            try:
+                asyncio.run(run(config, True))
+            except BaseException:  # noqa: BLE001 - report and exit the worker
+                logging.getLogger("stealguard").exception("worker failed")
+                code = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum, _frame):
+        for child in children:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    log.info("started %d workers: %s", len(children), " ".join(map(str, children)))
+    worst = 0
+    remaining = set(children)
+    while remaining:
+        pid, status = os.wait()
+        if pid in remaining:
+            remaining.discard(pid)
+            code = os.waitstatus_to_exitcode(status)
+            if code != 0 and worst == 0:
+                worst = code if code > 0 else 1
+                # one worker died: stop the rest rather than serve at reduced capacity silently
+                forward(signal.SIGTERM, None)
+    return worst

@@ -1,0 +1,82 @@
+"""The `stealguard.v1.Defense` servicer: decode, pick the policy, perturb, encode.
+
+Methods only wire the codec, the policies and the defenses together; errors become
+gRPC status codes in one place (`status_of`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from stealguard.server.codec import CodecError, array_to_tensor, tensor_to_array
+from stealguard.server.policies import PolicySet, UnknownModel
+from stealguard.v1 import defense_pb2, defense_pb2_grpc
+
+log = logging.getLogger("stealguard.sidecar")
+
+
+class NotServing(RuntimeError):
+    """The sidecar is warming up or draining."""
+
+
+def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message a caller gets for `error`."""
+    if isinstance(error, NotServing):
+        return grpc.StatusCode.UNAVAILABLE, str(error)
+    if isinstance(error, UnknownModel):
+        return grpc.StatusCode.NOT_FOUND, str(error)
+    if isinstance(error, (CodecError, ValueError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    log.exception("internal error while perturbing", exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+
+
+class DefenseServicer(defense_pb2_grpc.DefenseServicer):
+    """Serves Perturb, PerturbStream and ListPolicies from a swappable `PolicySet`."""
+
+    def __init__(self, policies: PolicySet, *, max_rows: int | None = None):
+        self.policies = policies  # replaced whole on reload; read once per request
+        self.max_rows = max_rows
+        self.not_serving: str | None = "the sidecar is warming up its kernels; retry shortly"
+
+    def perturb(self, request: defense_pb2.PerturbRequest) -> defense_pb2.PerturbResponse:
+        """Protect one request's probabilities (raises the errors `status_of` maps)."""
+        if self.not_serving:
+            raise NotServing(self.not_serving)
+        policy = self.policies.resolve(request.model)
+        probabilities = tensor_to_array(request.probabilities, max_rows=self.max_rows)
+        protected = policy.apply(probabilities, logits=request.logits)
+        return defense_pb2.PerturbResponse(
+            probabilities=array_to_tensor(protected),
+            policy=policy.name,
+            request_id=request.request_id,
+        )
+
+    async def Perturb(self, request, context):
+        try:
+            return self.perturb(request)
+        except Exception as error:  # noqa: BLE001 - every error becomes a status
+            await context.abort(*status_of(error))
+
+    async def PerturbStream(
+        self, request_iterator, context
+    ) -> AsyncIterator[defense_pb2.PerturbResponse]:
+        index = 0
+        async for request in request_iterator:
+            try:
+                response = self.perturb(request)
+            except Exception as error:  # noqa: BLE001
+                code, message = status_of(error)
+                await context.abort(code, f"stream message {index}: {message}")
+            yield response
+            index += 1
+
+    async def ListPolicies(self, request, context):
+        return defense_pb2.ListPoliciesResponse(
+            policies=[
+                defense_pb2.Policy(name=p.name, defense=p.defense_name, params=p.params)
+                for p in self.policies
+            ]
+        )

@@ -1,0 +1,104 @@
+"""The client library against a real sidecar, and its fail-closed behaviour without one."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+import numpy as np
+import pytest
+from _procs import free_port, start_sidecar
+from stealguard.client import (
+    AsyncDefenseClient,
+    DefenseClient,
+    SidecarError,
+    label_only,
+    protect,
+    protect_async,
+)
+from stealguard.server.defenses import make_defense
+
+PROBS = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], dtype=np.float32)
+LABELS = np.array([[1, 0, 0], [0, 0, 1]], dtype=np.float32)
+
+
+def test_perturb_returns_the_protected_rows(sidecar):
+    with DefenseClient(sidecar, timeout=10) as client:
+        got = client.perturb(PROBS, model="mnist")
+    assert got.tobytes() == make_defense("reverse_sigmoid")(PROBS).tobytes()
+
+
+def test_async_client_matches_the_sync_client(sidecar):
+    async def run():
+        async with AsyncDefenseClient(sidecar, timeout=10) as client:
+            return await client.perturb(PROBS), await client.policies()
+
+    got, policies = asyncio.run(run())
+    assert got.tobytes() == DefenseClient(sidecar, timeout=10).perturb(PROBS).tobytes()
+    assert policies[0]["name"] == "default"
+
+
+def test_protect_passes_through_the_sidecar_answer(sidecar):
+    got = protect(DefenseClient(sidecar, timeout=10), PROBS, model="mnist")
+    assert got.tobytes() == make_defense("reverse_sigmoid")(PROBS).tobytes()
+
+
+def test_unreachable_sidecar_gives_label_only_rows_never_raw():
+    client = DefenseClient(f"127.0.0.1:{free_port()}", timeout=0.5)
+    got = protect(client, PROBS, model="mnist")
+    np.testing.assert_array_equal(got, LABELS)
+    assert got.dtype == PROBS.dtype
+
+
+def test_unreachable_sidecar_raises_when_asked_to():
+    client = DefenseClient(f"127.0.0.1:{free_port()}", timeout=0.5)
+    with pytest.raises(SidecarError) as error:
+        protect(client, PROBS, on_error="raise")
+    assert error.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_raw_probabilities_only_with_explicit_fail_open():
+    client = DefenseClient(f"127.0.0.1:{free_port()}", timeout=0.5)
+    np.testing.assert_array_equal(protect(client, PROBS, fail_open=True), PROBS)
+
+
+def test_stalled_sidecar_times_out_into_label_only_rows():
+    process, address = start_sidecar()
+    try:
+        process.popen.send_signal(signal.SIGSTOP)
+        got = protect(DefenseClient(address, timeout=0.3), PROBS)
+        np.testing.assert_array_equal(got, LABELS)
+    finally:
+        process.popen.send_signal(signal.SIGCONT)
+        process.stop()
+
+
+def test_sidecar_rejection_is_fail_closed_too(sidecar):
+    bad = PROBS * 2  # rows sum to 2: INVALID_ARGUMENT
+    np.testing.assert_array_equal(protect(DefenseClient(sidecar, timeout=10), bad), LABELS)
+
+
+def test_async_protect_fails_closed():
+    async def run():
+        client = AsyncDefenseClient(f"127.0.0.1:{free_port()}", timeout=0.5)
+        try:
+            return await protect_async(client, PROBS)
+        finally:
+            await client.close()
+
+    np.testing.assert_array_equal(asyncio.run(run()), LABELS)
+
+
+def test_label_only_keeps_shape_for_one_row():
+    np.testing.assert_array_equal(label_only(np.array([0.2, 0.5, 0.3])), [0, 1, 0])
+
+
+def test_bad_on_error_value_is_rejected():
+    with pytest.raises(ValueError, match="on_error must be one of"):
+        protect(DefenseClient("127.0.0.1:1"), PROBS, on_error="ignore")
+
+
+def test_non_positive_timeout_is_rejected():
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        DefenseClient("127.0.0.1:1", timeout=0)
