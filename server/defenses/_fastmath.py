@@ -24,6 +24,10 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core.extending import intrinsic, overload
 
+#: numba fastmath flags of the kernels: only "contract" (fused multiply-add), which makes
+#: the polynomials faster and slightly more accurate and keeps every result deterministic.
+FASTMATH = {"contract"}
+
 # ---------------------------------------------------------------------------- bit casts
 
 
@@ -62,6 +66,19 @@ i32_as_f32 = _bitcast_intrinsic(types.int32, types.float32, ir.FloatType())
 f64_as_u64 = _bitcast_intrinsic(types.float64, types.uint64, ir.IntType(64))
 f64_as_i64 = _bitcast_intrinsic(types.float64, types.int64, ir.IntType(64))
 i64_as_f64 = _bitcast_intrinsic(types.int64, types.float64, ir.DoubleType())
+
+
+def like(x, v):
+    """v converted to the float type of x."""
+
+
+@overload(like, inline="always")
+def _like_impl(x, v):
+    if x == types.float32:
+        return lambda x, v: np.float32(v)
+    if x == types.float64:
+        return lambda x, v: np.float64(v)
+    return None
 
 
 def next_below(t):

@@ -1,4 +1,4 @@
-"""Row operations the defense kernels share: argmax, normalisation, the top-1 guard.
+"""Row operations the defense kernels share: checks, normalisation, the top-1 guard.
 
 All work on a flat array and the offset `base` of a row of `k` values, so a kernel can walk
 a C-contiguous (rows, classes) batch without 2-D indexing.
@@ -9,75 +9,171 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._fastmath import next_below
+from ._fastmath import like, next_below
 
 
 @njit(inline="always")
-def row_argmax(a, base, k):
-    """numpy.argmax of a[base:base+k]: the first index of the largest value."""
+def scan_row(y, base, k):
+    """One pass over an input row: (all values in [0, 1], float64 sum, numpy.argmax).
+
+    NaN and inf fail one of the two comparisons, so "in [0, 1]" also means finite. The
+    argmax (first index of the largest value) uses selects, not branches: where a row's
+    maximum sits is random, so a branch would be mispredicted about once per row.
+    """
+    ok = True
+    s0 = s1 = 0.0
     best = 0
-    top = a[base]
-    for j in range(1, k):
-        v = a[base + j]
-        if v > top:
-            top = v
-            best = j
-    return best
+    top = y[base]
+    j = 0
+    while j + 2 <= k:
+        v = y[base + j]
+        w = y[base + j + 1]
+        ok &= (v >= 0.0) & (v <= 1.0) & (w >= 0.0) & (w <= 1.0)
+        s0 += v
+        s1 += w
+        better = v > top
+        best = j if better else best
+        top = v if better else top
+        better = w > top
+        best = j + 1 if better else best
+        top = w if better else top
+        j += 2
+    if j < k:
+        v = y[base + j]
+        ok &= (v >= 0.0) & (v <= 1.0)
+        s0 += v
+        better = v > top
+        best = j if better else best
+    return ok, s0 + s1, best
 
 
 @njit(inline="always")
-def normalise_row(y, out, base, k, total):
+def _first_max(top0, best0, top1, best1):
+    """Merge two (max, index) candidates the way numpy.argmax breaks ties."""
+    if top1 > top0 or (top1 == top0 and best1 < best0):
+        return top1, best1
+    return top0, best0
+
+
+@njit(inline="always")
+def row_stats(y, out, base, k):
+    """One pass over an input row and its perturbed row: (sum y, sum out, argmax y).
+
+    Sums in float64; two interleaved chains for each, so no chain waits on the previous
+    element's compare or add. The argmax is numpy's (first index of the largest value).
+    """
+    ys0 = ys1 = qs0 = qs1 = 0.0
+    top0 = top1 = y[base]
+    best0 = best1 = 0
+    j = 0
+    while j + 2 <= k:
+        v = y[base + j]
+        w = y[base + j + 1]
+        ys0 += v
+        ys1 += w
+        qs0 += out[base + j]
+        qs1 += out[base + j + 1]
+        better = v > top0
+        best0 = j if better else best0
+        top0 = v if better else top0
+        better = w > top1
+        best1 = j + 1 if better else best1
+        top1 = w if better else top1
+        j += 2
+    if j < k:
+        v = y[base + j]
+        ys0 += v
+        qs0 += out[base + j]
+        better = v > top0
+        best0 = j if better else best0
+        top0 = v if better else top0
+    best = _first_max(top0, best0, top1, best1)[1]
+    return ys0 + ys1, qs0 + qs1, best
+
+
+@njit(inline="always")
+def row_sum(a, base, k):
+    """Sum of a[base:base+k] in float64, in four interleaved partial sums (fixed order)."""
+    s0 = s1 = s2 = s3 = 0.0
+    j = base
+    end = base + k
+    while j + 4 <= end:
+        s0 += a[j]
+        s1 += a[j + 1]
+        s2 += a[j + 2]
+        s3 += a[j + 3]
+        j += 4
+    while j < end:
+        s0 += a[j]
+        j += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(inline="always")
+def is_top(a, base, k, top):
+    """True if numpy.argmax(a[base:base+k]) == top (all before it smaller, none after larger)."""
+    t = a[base + top]
+    ok = True
+    for j in range(top):
+        ok &= a[base + j] < t
+    for j in range(top + 1, k):
+        ok &= a[base + j] <= t
+    return ok
+
+
+@njit(inline="always")
+def normalise_row(out, base, k, total, top):
     """Divide out[base:base+k] (non-negative, summing to `total`) by its sum.
 
     A row the perturbation wiped out entirely (total == 0) carries no information; it
-    becomes the one-hot row of the input's top-1 class, the label-only answer that the
-    paper treats as the floor of what an accuracy-preserving defense returns. So no row is
-    ever NaN.
+    becomes the one-hot row of the input's top-1 class `top`, the label-only answer the
+    paper treats as the floor of an accuracy-preserving defense. So no row is ever NaN.
     """
-    if total > 0.0:
+    if total >= 1e-300:
+        scale = like(out[base], 1.0 / total)  # float32 rows scale in float32: vectorises
+        for j in range(base, base + k):
+            out[j] = out[j] * scale
+    elif total > 0.0:  # 1 / total would overflow
         for j in range(base, base + k):
             out[j] = out[j] / total
     else:
-        top = row_argmax(y, base, k)
         for j in range(k):
             out[base + j] = 1.0 if j == top else 0.0
 
 
-@njit
+@njit(inline="always")
 def restore_top1(out, base, k, top):
     """Make class `top` the numpy.argmax of the normalised row out[base:base+k] again.
 
     The adjustment is the smallest one in the Euclidean sense: the projection of the row
-    onto the set of rows where `top` is a largest value. It replaces `top` and every class
-    above it by their mean t (the classes above t after averaging; found by shrinking
-    the set until it is stable), which keeps the row's sum and leaves every other class
-    untouched. numpy.argmax takes the first of equal maxima, so classes before `top` that
-    now equal t are then lowered by one unit in the last place, making `top` the strict
-    maximum over them. Nothing else changes.
+    onto the set of rows where `top` is a largest value. It replaces `top` and the classes
+    S above it by their mean t, where S = {j : out[j] > t} (found by shrinking the set of
+    classes above out[top] until it is stable; t only grows, so this takes at most k
+    rounds, nearly always two). That keeps the row's sum, keeps every class outside S and
+    is the KKT solution of min ||x - out||^2 subject to x[top] >= x[j] for all j.
+    numpy.argmax takes the first of equal maxima, so classes before `top` that now equal
+    t are then lowered by one unit in the last place, which makes `top` the strict maximum
+    over them. Branch-free: which classes are above t is unpredictable.
     """
-    qtop = np.float64(out[base + top])
-    t = qtop
+    q_top = np.float64(out[base + top])
+    t = q_top
     count = -1
-    while True:  # the set {j : out[j] > t} only shrinks, so this ends within k rounds
-        total = qtop
+    while True:
+        total = q_top
         c = 0
-        for j in range(k):
-            v = np.float64(out[base + j])
-            if j != top and v > t:
-                total += v
-                c += 1
+        for j in range(base, base + k):
+            v = np.float64(out[j])
+            above = v > t  # never true for `top` itself: t >= q_top
+            total += v if above else 0.0
+            c += above
         if c == count:
             break
         count = c
         t = total / (c + 1)
-    # t is the mean of top and the set S that is above it; assign it in the row's dtype
     out[base + top] = t  # the store rounds t to the row's dtype
     tv = out[base + top]
+    below = next_below(tv)
     for j in range(k):
         v = out[base + j]
-        if j == top or v > tv:
-            out[base + j] = tv
-    below = next_below(tv)
-    for j in range(top):
-        if out[base + j] >= tv:
-            out[base + j] = below
+        v = tv if v > tv else v
+        out[base + j] = below if (j < top) & (v >= tv) else v

@@ -3,7 +3,7 @@
 Valid probabilities are a 1-D (one row) or 2-D (rows, classes) float32/float64 array whose
 values are finite and within [0, 1] and whose rows sum to 1 within 1e-3. A single column
 (K = 1) holds positive-class probabilities and has no sum rule. The per-row check is cheap
-enough to run inside each defense kernel (`row_is_valid`); when a kernel reports a bad row,
+enough to run inside each defense kernel (`check_row`); when a kernel reports a bad row,
 `row_error` works out the reason in Python, where speed no longer matters.
 """
 
@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 from numba import njit
+
+from ._rows import scan_row
 
 SUM_TOLERANCE = 1e-3
 F32 = np.dtype(np.float32)
@@ -52,25 +54,24 @@ def as_rows(probs: np.ndarray) -> np.ndarray:
 
 
 @njit(inline="always")
-def row_is_valid(y, base, k, check_sum):
-    """True if y[base:base+k] is in [0, 1] (so finite) and, if check_sum, sums to 1."""
-    ok = True
-    total = 0.0
-    for j in range(base, base + k):
-        v = y[j]
-        ok &= (v >= 0.0) & (v <= 1.0)  # NaN and inf fail one of the comparisons
-        total += v
-    if check_sum:
-        ok &= abs(total - 1.0) <= SUM_TOLERANCE
-    return ok
+def check_row(y, base, k):
+    """(valid, numpy.argmax) of the row y[base:base+k]: in [0, 1] and summing to 1."""
+    in_range, total, top = scan_row(y, base, k)
+    return in_range & (abs(total - 1.0) <= SUM_TOLERANCE), top
 
 
 @njit(cache=True)
 def first_invalid_row(y, n, k):
-    """Index of the first invalid row of the flat (n, k) array y, or -1."""
-    check_sum = k > 1
+    """Index of the first invalid row of the flat (n, k) array y, or -1.
+
+    A single column (k == 1) holds positive-class probabilities: no sum rule.
+    """
     for i in range(n):
-        if not row_is_valid(y, i * k, k, check_sum):
+        if k == 1:
+            valid = scan_row(y, i, 1)[0]
+        else:
+            valid = check_row(y, i * k, k)[0]
+        if not valid:
             return i
     return -1
 

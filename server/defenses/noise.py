@@ -17,8 +17,8 @@ from numba import njit, prange
 
 from ._base import Defense, positive
 from ._fastmath import siphash24, uniform01
-from ._rows import normalise_row, restore_top1, row_argmax
-from ._validation import row_is_valid
+from ._rows import is_top, normalise_row, restore_top1, row_sum
+from ._validation import check_row
 
 UNIFORM, CONCAVE, CONVEX, GAUSSIAN, RANKED = 0, 1, 2, 3, 4
 BLOCK_VALUES = 1 << 13
@@ -57,7 +57,8 @@ def _noise(kind, seed, j, v, beta, rho):
 def _rows(y, out, k, first, last, check, kind, beta, rho, k0, k1):
     for i in range(first, last):
         base = i * k
-        if check and not row_is_valid(y, base, k, True):
+        valid, top = check_row(y, base, k)
+        if check and not valid:
             return i
         seed = siphash24(k0, k1, y, base, k)
         for j in range(k):
@@ -68,14 +69,9 @@ def _rows(y, out, k, first, last, check, kind, beta, rho, k0, k1):
             values = np.sort(out[base:base + k])
             for rank in range(k):
                 out[base + order[rank]] = values[k - 1 - rank]
-        total = 0.0
-        for j in range(base, base + k):
-            total += out[j]
-        normalise_row(y, out, base, k, total)
-        if kind == RANKED:  # equal perturbed values could still tie the top class
-            top = row_argmax(y, base, k)
-            if row_argmax(out, base, k) != top:
-                restore_top1(out, base, k, top)
+        normalise_row(out, base, k, row_sum(out, base, k), top)
+        if kind == RANKED and not is_top(out, base, k, top):  # equal values can tie
+            restore_top1(out, base, k, top)
     return -1
 
 

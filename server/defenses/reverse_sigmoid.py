@@ -22,13 +22,14 @@ from numba import njit, prange, types
 from numba.core.extending import overload
 
 from ._base import Defense, flag, positive
-from ._fastmath import exp_f32, log_f32
-from ._rows import normalise_row, restore_top1, row_argmax
-from ._validation import row_is_valid
+from ._fastmath import FASTMATH, exp_f32, log_f32
+from ._rows import is_top, normalise_row, restore_top1, row_stats
+from ._validation import SUM_TOLERANCE, check_row
 
 #: The logit clamp: the reference implementation's clip of y to [1e-9, 1 - 1e-9].
 LOGIT_LIMIT = math.log((1.0 - 1e-9) / 1e-9)
 BLOCK_VALUES = 1 << 14  # values per parallel work item (rows are never split)
+CHUNK_VALUES = 1 << 11  # values per pass of the flat loop: 8 KiB of float32 output
 
 
 def perturbed(v, beta, gamma, limit):
@@ -57,30 +58,38 @@ def _perturbed_impl(v, beta, gamma, limit):
 
 @njit(inline="always")
 def _rows(y, out, k, first, last, check, beta, gamma, limit, guard):
-    for i in range(first, last):
-        base = i * k
-        if check and not row_is_valid(y, base, k, True):
-            return i
-        total = 0.0
-        for j in range(base, base + k):
-            q = perturbed(y[j], beta, gamma, limit)
-            out[j] = q
-            total += q
-        normalise_row(y, out, base, k, total)
-        if guard:
-            top = row_argmax(y, base, k)
-            if row_argmax(out, base, k) != top:
+    """Rows first..last-1, a few thousand values at a time so out stays in L1 cache.
+
+    Per chunk, one flat loop computes q for every value (no reduction in it, so LLVM
+    vectorises it), then one loop per row checks the input, sums, normalises and guards.
+    """
+    rows_per_chunk = max(1, CHUNK_VALUES // k)
+    for chunk in range(first, last, rows_per_chunk):
+        stop = min(last, chunk + rows_per_chunk)
+        in_range = True
+        for e in range(chunk * k, stop * k):
+            v = y[e]
+            in_range &= (v >= 0.0) & (v <= 1.0)  # NaN and inf fail too
+            out[e] = perturbed(v, beta, gamma, limit)
+        for i in range(chunk, stop):
+            base = i * k
+            y_sum, q_sum, top = row_stats(y, out, base, k)
+            if check and not (in_range and abs(y_sum - 1.0) <= SUM_TOLERANCE):
+                if not check_row(y, base, k)[0]:
+                    return i
+            normalise_row(out, base, k, q_sum, top)
+            if guard and not is_top(out, base, k, top):
                 restore_top1(out, base, k, top)
     return -1
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=FASTMATH)
 def reverse_sigmoid_serial(y, out, n, k, check, beta, gamma, limit, guard):
     """Reverse Sigmoid of the flat (n, k) batch y into out on this thread."""
     return _rows(y, out, k, 0, n, check, beta, gamma, limit, guard)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", fastmath=FASTMATH, parallel=True)
 def reverse_sigmoid_parallel(y, out, n, k, check, beta, gamma, limit, guard):
     """Reverse Sigmoid of the flat (n, k) batch y into out, blocks of rows in parallel."""
     rows_per_block = max(1, BLOCK_VALUES // k)

@@ -15,8 +15,8 @@ import numpy as np
 from numba import njit, prange
 
 from ._base import Defense, in_range, integer, positive
-from ._rows import normalise_row, row_argmax
-from ._validation import row_is_valid
+from ._rows import normalise_row, row_sum
+from ._validation import check_row
 
 NONE, SINE, HIGH_CONFIDENCE, TOP_K, ROUNDED, CLASS_LABELS = range(6)
 BLOCK_VALUES = 1 << 14
@@ -26,14 +26,14 @@ BLOCK_VALUES = 1 << 14
 def _rows(y, out, k, first, last, check, kind, a, b):
     for i in range(first, last):
         base = i * k
-        if check and not row_is_valid(y, base, k, True):
+        valid, top = check_row(y, base, k)
+        if check and not valid:
             return i
         if kind == NONE:
             for j in range(base, base + k):
                 out[j] = y[j]
             continue
         if kind == CLASS_LABELS:
-            top = row_argmax(y, base, k)
             for j in range(k):
                 out[base + j] = 1.0 if j == top else 0.0
             continue
@@ -55,10 +55,7 @@ def _rows(y, out, k, first, last, check, kind, a, b):
                 else:  # TOP_K with k >= classes keeps everything
                     q = v
                 out[j] = q
-        total = 0.0
-        for j in range(base, base + k):
-            total += out[j]
-        normalise_row(y, out, base, k, total)
+        normalise_row(out, base, k, row_sum(out, base, k), top)
     return -1
 
 
