@@ -10,7 +10,7 @@ TorchServe API (`InferenceAPIsService`), input `data` = a .npy array of shape (6
 (N, 64), by model name:
   digits         the probability vector, or a list of vectors for a batch (base handler)
   digits-topk    the image classifier's top-3 {label: prob} dict (a list of them for a batch)
-  digits-label   {"label": <digit>}, no probabilities
+  digits-label*  {"label": <digit>}, no probabilities
   echo-metadata  {"metadata": {key: value}, "time_remaining": seconds or null}
   fail           RESOURCE_EXHAUSTED "model fail: queue is full" + trailing x-upstream-reason
   StreamPredictions answers one message per row; StreamPredictions2 one per request.
@@ -88,7 +88,7 @@ class TorchServeUpstream(inference_pb2_grpc.InferenceAPIsServiceServicer):
         elif name == "digits-topk":
             tops = [{LABELS[j]: float(row[j]) for j in np.argsort(-row)[:3]} for row in probs]
             value = tops if x.ndim == 2 else tops[0]
-        elif name == "digits-label":
+        elif name.startswith("digits-label"):
             value = {"label": int(probs[0].argmax())}
         else:
             return []
@@ -206,3 +206,48 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def start_upstream(protocol: str, port: int | None = None):
+    """Start this module as a `protocol` upstream on a loopback port; (process, address)."""
+    from _procs import Process, free_port
+
+    address = f"127.0.0.1:{port or free_port()}"
+    process = Process([sys.executable, __file__, protocol, "--listen", address])
+    try:
+        process.wait_healthy(address, timeout=120)
+    except Exception:
+        process.stop(signal.SIGKILL)
+        raise
+    return process, address
+
+
+def start_proxy(protocol: str, upstream: str, config: str, wait: bool = True):
+    """Start `stealguard-sidecar proxy` in front of `upstream`; (process, address)."""
+    from _procs import Process, free_port, script
+
+    address = f"127.0.0.1:{free_port()}"
+    process = Process([script("stealguard-sidecar"), "proxy", "--listen", address,
+                       "--upstream", upstream, "--protocol", protocol, "--config", config,
+                       "--health-interval", "0.2"])
+    if wait:
+        try:
+            process.wait_healthy(address, timeout=300)
+        except Exception:
+            process.stop(signal.SIGKILL)
+            raise
+    return process, address
+
+
+def wait_for_health(address: str, status: str, timeout: float = 20.0) -> str:
+    """Poll the health of `address` until it reports `status`; returns the last status."""
+    import time
+
+    from _procs import health_status
+
+    deadline = time.monotonic() + timeout
+    seen = health_status(address)
+    while seen != status and time.monotonic() < deadline:
+        time.sleep(0.1)
+        seen = health_status(address)
+    return seen

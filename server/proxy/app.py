@@ -65,14 +65,15 @@ async def watch_upstream(app: GrpcApp, proxy, interval: float) -> None:
     serving = None
     while True:
         try:
-            ready, why = await proxy.upstream_ready(timeout=interval), "reports not ready"
+            ready = await proxy.upstream_ready(timeout=interval)
+            why = f"upstream {proxy.upstream.address} reports it is not ready"
         except UpstreamError as error:
-            ready, why = False, str(error)
+            ready, why = False, f"{error.code.name}: {error.details}"
         if ready != serving:
             if ready:
-                log.info("upstream %s is ready: SERVING", proxy.upstream.address)
+                log.info("SERVING: upstream %s is ready", proxy.upstream.address)
             else:
-                log.warning("upstream %s %s: NOT_SERVING", proxy.upstream.address, why)
+                log.warning("NOT_SERVING: %s", why)
             await app.set_serving(ready)
             serving = ready
         await asyncio.sleep(interval)
