@@ -171,6 +171,21 @@ def test_corrected_p99_shows_a_server_stall_that_uncorrected_hides():
     assert doc["uncorrected_latency_ms"]["max"] >= 150  # the stall happened, ghz-style p99 hid it
 
 
+def test_a_rate_the_server_cannot_reach_is_warned_about(echo):
+    done = load("--target", echo, "--rps", "100000", "--concurrency", "1", "--duration", "1s",
+                "--format", "json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["rps"] < 95000
+    assert any("below the requested 100000 rps" in w for w in doc["warnings"])
+    # The run still ended on time: the backlog is counted as unsent, not sent late.
+    assert doc["duration_s"] < 5 and doc["unsent"] > 0
+    assert doc["requests"] + doc["unsent"] == pytest.approx(100000, rel=0.01)
+    assert "warning: achieved" in done.stderr
+    # The schedule slipped: the corrected latency counts calls that never got to start.
+    assert doc["latency_ms"]["p50"] > 10 * doc["uncorrected_latency_ms"]["p50"]
+
+
 # --- payloads, methods and outputs -------------------------------------------------------
 
 

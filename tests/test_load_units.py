@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from stealguard.client.load.config import LoadConfig, check, parse_duration
-from stealguard.client.load.engine import Recorder, Schedule, WorkerResult, new_histogram
+from stealguard.client.load.engine import Recorder, Schedule, WorkerResult, new_histogram, now
 from stealguard.client.load.runner import merge
 
 
@@ -41,7 +41,8 @@ def test_check_names_contradictions():
 
 
 def test_constant_schedule_is_evenly_spaced_and_stops_at_the_end():
-    sched = Schedule(LoadConfig(target="x:1", rps=100.0), start=10.0, end=11.0, total=None)
+    start = now() + 60  # far enough ahead that the wall clock never ends the run
+    sched = Schedule(LoadConfig(target="x:1", rps=100.0), start, start + 1.0, total=None)
     times = []
     while (t := sched.next()) is not None:
         times.append(t)
@@ -78,7 +79,7 @@ def test_histograms_from_processes_merge_to_the_histogram_of_all_calls():
             h.record_value(int(v))
             whole.record_value(int(v))
         parts.append(WorkerResult(codes={"OK": 5000}, corrected=b"", uncorrected=h.encode(),
-                                  send_lag=b"", elapsed_s=1.0, cpu_s=0.5, concurrency=1))
+                                  send_lag=b"", elapsed_s=1.0, cpu_s=0.5))
     merged = merge(LoadConfig(target="x:1", procs=2, concurrency=2, connections=2), parts)
     assert merged.requests == 10000 and merged.rps == 10000
     for p in (50, 90, 99, 99.9):

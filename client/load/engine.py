@@ -15,7 +15,7 @@ import collections
 import selectors
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from hdrh.histogram import HdrHistogram
@@ -53,6 +53,7 @@ class Recorder:
         self.codes: collections.Counter[str] = collections.Counter()
         self.count = 0
         self.last_done = 0.0
+        self.unsent = 0  # open loop: scheduled calls the run ended before starting
 
     def record(self, code: str, scheduled: float, sent: float, done: float) -> None:
         self.count += 1
@@ -84,20 +85,37 @@ class Schedule:
         self._gaps: list[float] = []
 
     def next(self) -> float | None:
-        """The next send time, or None when the run has no more calls to make."""
+        """The next send time, or None when the run has no more calls to make.
+
+        A timed run ends at its end time even when calls scheduled before it are still
+        waiting for a sender (as wrk2 does); ``unsent()`` counts them afterwards.
+        """
         if self.total is not None and self.issued >= self.total:
             return None
         t = self.next_t
-        if self.end is not None and t >= self.end:
+        if self.end is not None and (t >= self.end or now() >= self.end):
             return None
+        self._advance()
+        return t
+
+    def _advance(self) -> None:
         self.issued += 1
         if self.poisson:
             if not self._gaps:
                 self._gaps = self.rng.exponential(1.0 / self.rps, 4096).tolist()
-            self.next_t = t + self._gaps.pop()
+            self.next_t += self._gaps.pop()
         else:  # from the index, so rounding never drifts the rate
             self.next_t = self.first + self.issued / self.rps
-        return t
+
+    def unsent(self) -> int:
+        """Calls scheduled before the end that no sender started (call once, at the end)."""
+        if self.end is None:
+            return 0
+        missed = 0
+        while self.next_t < self.end:
+            self._advance()
+            missed += 1
+        return missed
 
 
 class Budget:
@@ -142,11 +160,11 @@ async def drive(cfg: LoadConfig, callers: list, duration: float | None, total: i
     end = None if duration is None else start + duration
     if cfg.open_loop:
         schedule = Schedule(cfg, start, end, total)
-        senders = [_open_sender(c, schedule, rec) for c in callers]
+        await asyncio.gather(*(_open_sender(c, schedule, rec) for c in callers))
+        rec.unsent = schedule.unsent()
     else:
         budget = Budget(end, total)
-        senders = [_closed_sender(c, budget, rec) for c in callers]
-    await asyncio.gather(*senders)
+        await asyncio.gather(*(_closed_sender(c, budget, rec) for c in callers))
     return start, max(rec.last_done, start)
 
 
@@ -160,8 +178,7 @@ class WorkerResult:
     send_lag: bytes
     elapsed_s: float
     cpu_s: float
-    concurrency: int
-    extra: dict = field(default_factory=dict)
+    unsent: int = 0
 
 
 async def run_share(cfg: LoadConfig, requests: list[bytes], metadata,
@@ -205,7 +222,7 @@ async def run_share(cfg: LoadConfig, requests: list[bytes], metadata,
         send_lag=rec.send_lag.encode() if cfg.open_loop else b"",
         elapsed_s=end - start,
         cpu_s=cpu,
-        concurrency=cfg.concurrency,
+        unsent=rec.unsent,
     )
 
 

@@ -57,6 +57,7 @@ def summarize(result: RunResult) -> dict:
         "latency_ms": latency_ms(result.corrected if cfg.open_loop else result.uncorrected),
     }
     if cfg.open_loop:
+        doc["unsent"] = result.unsent
         doc["uncorrected_latency_ms"] = latency_ms(result.uncorrected)
         doc["send_lag_ms"] = latency_ms(result.send_lag)
     doc["client"] = {
@@ -83,6 +84,9 @@ def warnings(result: RunResult, client_saturated: bool) -> list[str]:
             f"or the --concurrency {cfg.concurrency} in-flight cap limited it"
         )
         out.append(f"achieved {result.rps:.0f} rps is below the requested {cfg.rps:g} rps: {why}")
+    if result.unsent:
+        out.append(f"{result.unsent} calls scheduled within the run never started (no sender "
+                   "was free before it ended); the latency figures do not include them")
     elif client_saturated:
         out.append(
             f"client CPU at {busiest:.0%} of a core per process: the load generator may be "

@@ -30,6 +30,7 @@ class RunResult:
     send_lag: HdrHistogram | None  # open loop only
     elapsed_s: float
     cpu_s: list[float]  # per process
+    unsent: int = 0  # open loop: calls scheduled within the duration that never started
 
     @property
     def requests(self) -> int:
@@ -68,6 +69,7 @@ def merge(cfg: LoadConfig, parts: list[WorkerResult]) -> RunResult:
         send_lag=hists["send_lag"] if cfg.open_loop else None,
         elapsed_s=max(p.elapsed_s for p in parts),
         cpu_s=[p.cpu_s for p in parts],
+        unsent=sum(p.unsent for p in parts),
     )
 
 
