@@ -26,7 +26,12 @@ load models:
                --concurrency then caps the calls in flight (default 100), like ghz's -c.
                Latency is measured from each call's scheduled send time (corrected for
                coordinated omission, as wrk2 does) and from its actual send (uncorrected);
-               both are reported.
+               both are reported. A timed run ends on time: calls still waiting for a
+               free slot are counted as unsent.
+  --procs N    splits --rps, --concurrency, --connections and --total over N processes
+               whose HDR histograms merge into one report.
+Latency percentiles are over successful calls; failed calls are counted by status code.
+Exit status: 0 run completed (errors included), 1 target unreachable, 2 usage error.
 
 examples:
   stealguard-load --target 127.0.0.1:50051 --concurrency 16 --duration 30s
