@@ -11,18 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
-from pathlib import Path
 
-from stealguard.modelserver.server import ServerConfig
-
-ENV = {
-    "listen": "STEALGUARD_MODELSERVER_LISTEN",
-    "sidecar": "STEALGUARD_SIDECAR",
-    "sidecar_timeout": "STEALGUARD_SIDECAR_TIMEOUT",
-    "model_store": "STEALGUARD_MODEL_STORE",
-}
+from stealguard.modelserver.config import ServerConfig, config_from
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"directory of model manifests (default {defaults.model_store}); "
                         "an empty one gets the default models")
     parser.add_argument("--torch-threads", dest="torch_threads", type=int,
-                        default=defaults.torch_threads,
                         help=f"threads per forward pass (default {defaults.torch_threads})")
     parser.add_argument("--prepare", action="store_true",
                         help="create the default models in the store (training once), then exit")
@@ -51,57 +41,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from(args: argparse.Namespace, env=os.environ) -> ServerConfig:
-    """Flags, else environment, else defaults. Raises ValueError naming the flag."""
-    defaults = ServerConfig()
-    values = {}
-    for key, var in ENV.items():
-        flag = "--" + key.replace("_", "-")
-        value = getattr(args, key)
-        source = flag
-        if value is None and env.get(var):
-            value, source = env[var], var
-        if value is None:
-            continue
-        if key == "sidecar_timeout":
-            try:
-                value = float(value)
-            except ValueError:
-                raise ValueError(f"{source}: expected seconds, got {value!r}") from None
-            if not value > 0:
-                raise ValueError(f"{source}: must be > 0 seconds, got {value}")
-        elif key == "model_store":
-            value = Path(value).expanduser()
-            if value.exists() and not value.is_dir():
-                raise ValueError(f"{source}: {value} is not a directory")
-        elif ":" not in value:
-            raise ValueError(f"{source}: expected HOST:PORT, got {value!r}")
-        values[key] = value
-    if args.torch_threads < 1:
-        raise ValueError(f"--torch-threads: must be at least 1, got {args.torch_threads}")
-    values["torch_threads"] = args.torch_threads
-    return ServerConfig(**{**defaults.__dict__, **values})
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `stealguard-modelserver`; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        config = config_from(args)
+    except ValueError as error:
+        parser.exit(2, f"stealguard-modelserver: error: {error}\n")
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
+    # Imported here: torch and grpc load only once the flags are known to be good.
     from stealguard.modelserver.server import prepare_store, run_modelserver
     from stealguard.modelserver.store import ManifestError
 
     try:
-        config = config_from(args)
         if args.prepare:
             prepare_store(config)
             return 0
         asyncio.run(run_modelserver(config))
-    except (ValueError, ManifestError, OSError) as error:
+    except (ManifestError, OSError) as error:
         parser.exit(2, f"stealguard-modelserver: error: {error}\n")
     except KeyboardInterrupt:
         pass

@@ -9,31 +9,20 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from stealguard.client import AsyncDefenseClient
 from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc
+from stealguard.modelserver.config import ServerConfig
 from stealguard.modelserver.handler import Models
 from stealguard.modelserver.servicer import InferenceServicer
 from stealguard.modelserver.store import ensure_default_models, read_store
-from stealguard.modelserver.training import cache_root
 from stealguard.server.server import GrpcApp
 
 log = logging.getLogger("stealguard.modelserver")
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceAPIsService"].full_name
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a batch of 5,000 float64 MNIST images is 31 MB
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    listen: str = "127.0.0.1:7070"
-    sidecar: str = "127.0.0.1:50051"
-    sidecar_timeout: float = 1.0
-    model_store: Path = field(default_factory=lambda: cache_root() / "model-store")
-    torch_threads: int = 2
 
 
 def prepare_store(config: ServerConfig) -> dict:
