@@ -110,17 +110,22 @@ def markdown(rows: list[dict], duration: str, concurrency: int) -> str:
         f"{duration} per run after a 1 s warm-up; {os.cpu_count()} cores shared by client "
         f"and server (load average {load1:.1f} at the end).",
         "",
-        "| --procs | calls/s | p50 ms | p99 ms | client CPU per proc | server CPU per call "
-        "| server CPU |",
-        "|---|---|---|---|---|---|---|",
+        "| --procs | calls/s | p50 ms | p99 ms | client CPU per proc | client CPU per call "
+        "| calls/s per client core | server CPU | server CPU per call |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lat = r["latency_ms"]
         cpu = ", ".join(f"{u:.0%}" for u in r["client"]["cpu_per_proc"])
+        per_call = r["client"]["cpu_us_per_call"]
         lines.append(
             f"| {r['procs']} | {r['rps']:.0f} | {lat['p50']:.2f} | {lat['p99']:.2f} | {cpu} "
-            f"| {r['server_cpu_us_per_call']:.0f} us | {r['server_cpu_per_s']:.0%} |"
+            f"| {per_call:.0f} us | {1e6 / per_call:.0f} | {r['server_cpu_per_s']:.0%} "
+            f"| {r['server_cpu_us_per_call']:.0f} us |"
         )
+    lines += ["", "Calls/s per client core (1 / client CPU per call) is what one generator "
+              "process sustains when it has a core to itself; compare it with a server's CPU "
+              "per call to see which side a run can saturate first."]
     lines += ["", "Command: `python bench/load_generator.py --duration "
               f"{duration} --concurrency {concurrency}`"]
     for r in rows:
@@ -151,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if out:
         headline = {f"stealguard-load max calls/s vs echo, --procs {r['procs']}": round(r["rps"])
                     for r in rows}
+        headline["stealguard-load client CPU per call (us), --procs 1"] = round(
+            rows[0]["client"]["cpu_us_per_call"])
         Path(out).write_text(json.dumps({"headline": headline, "runs": rows}, indent=2))
     return 0
 
