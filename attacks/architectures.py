@@ -61,7 +61,7 @@ class AllConv(nn.Module):
         strides = (2, 1, 2, 1) if min(h, w) >= 16 else (1, 2, 1, 1)
         widths = (c, 32, 32, 64, 64)
         layers: list[nn.Module] = []
-        for cin, cout, stride in zip(widths, widths[1:], strides, strict=True):
+        for cin, cout, stride in zip(widths[:-1], widths[1:], strides, strict=True):
             layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1),
                        nn.BatchNorm2d(cout), nn.ReLU()]
         layers += [nn.Conv2d(64, 64, 1), nn.ReLU(), nn.Conv2d(64, num_classes, 1)]

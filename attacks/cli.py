@@ -1,0 +1,274 @@
+"""stealguard-attack: model-stealing attacks and experiments.
+
+    stealguard-attack experiment --dataset mnist|digits|iris --out DIR [--quick]
+    stealguard-attack calibrate  --dataset mnist [--model-store DIR --model NAME] [--quick]
+    stealguard-attack run --target HOST:PORT --model mnist --model mnist-open \\
+        --strategy sample --budget 250,500,1000 --out DIR [--baseline-model mnist-open]
+
+Bad input (unknown dataset, strategy or model, unreachable target, a budget that is not a
+positive integer) ends with a one-line error and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from stealguard.attacks.datasets import DATASET_NAMES
+
+RUN_STRATEGIES = ("sample", "argmax", "random", "jacobian", "same-layer", "mse")
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message names the flag."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise UsageError(message)
+
+
+def budgets(text: str) -> list[int]:
+    """'250,500,1000' -> [250, 500, 1000]; each a positive integer."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 1:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a positive integer")
+        out.append(int(part))
+    return out
+
+
+def floats(text: str) -> list[float]:
+    try:
+        values = [float(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers") from None
+    if any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be > 0")
+    return values
+
+
+def dataset_name(text: str) -> str:
+    if text not in DATASET_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown dataset {text!r}; choose one of "
+                                         f"{', '.join(DATASET_NAMES)}")
+    return text
+
+
+def strategy_names(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    for s in names:
+        if s not in RUN_STRATEGIES:
+            raise argparse.ArgumentTypeError(f"unknown strategy {s!r}; choose from "
+                                             f"{', '.join(RUN_STRATEGIES)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="stealguard-attack", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    exp = sub.add_parser("experiment", help="in-process experiment on one dataset")
+    exp.add_argument("--dataset", type=dataset_name, required=True)
+    exp.add_argument("--out", type=Path, required=True, help="directory for the results")
+    exp.add_argument("--quick", action="store_true", help="tiny budgets (for tests)")
+    exp.add_argument("--seed", type=int, default=0)
+
+    cal = sub.add_parser("calibrate", help="choose beta and gamma (prints sidecar YAML)")
+    cal.add_argument("--dataset", type=dataset_name, default="mnist")
+    cal.add_argument("--model-store", type=Path, default=None,
+                     help="calibrate the model of this model store (default: the dataset's "
+                          "base model, trained and cached)")
+    cal.add_argument("--model", default=None, help="model name in the store (default: the "
+                     "dataset name); also the policy name printed")
+    cal.add_argument("--budget", type=budgets, default=None,
+                     help="the attacker budget (default: the profile's)")
+    cal.add_argument("--beta", type=floats, default=None, help="grid, e.g. 0.5,1,1.5,2")
+    cal.add_argument("--gamma", type=floats, default=None, help="grid, e.g. 0.2,0.3,0.5")
+    cal.add_argument("--quick", action="store_true")
+    cal.add_argument("--seed", type=int, default=0)
+
+    run = sub.add_parser("run", help="attack models through a live TorchServe gRPC endpoint")
+    run.add_argument("--target", required=True, help="HOST:PORT of the model server or proxy")
+    run.add_argument("--model", action="append", required=True,
+                     help="model to attack (repeat for several)")
+    run.add_argument("--strategy", type=strategy_names, action="append", default=None,
+                     help=f"one of {', '.join(RUN_STRATEGIES)} (repeat or comma-separate)")
+    run.add_argument("--budget", type=budgets, default=[1000],
+                     help="queries per attack, e.g. 1000 or 250,500,1000")
+    run.add_argument("--out", type=Path, required=True)
+    run.add_argument("--baseline-model", default="mnist-open",
+                     help="unprotected model whose answers on the test inputs score the attack")
+    run.add_argument("--dataset", type=dataset_name, default="mnist",
+                     help="where the attacker's samples and the test inputs come from")
+    run.add_argument("--architecture", default="allconv", help="the stolen model's")
+    run.add_argument("--beta", type=float, default=None, help="for same-layer (defense-aware)")
+    run.add_argument("--gamma", type=float, default=None, help="for same-layer (defense-aware)")
+    run.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    run.add_argument("--quick", action="store_true", help="short training (for tests)")
+    run.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _setup_torch() -> None:
+    import torch
+
+    # The machine is shared; more threads than cores makes CPU training far slower.
+    torch.set_num_threads(1)
+
+
+def _meta(args, started: float) -> dict:
+    import torch
+
+    return {"command": "stealguard-attack " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "seconds": round(time.perf_counter() - started, 1),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def cmd_experiment(args) -> int:
+    from stealguard.attacks import experiment, report
+    from stealguard.attacks.datasets import load_dataset
+    from stealguard.attacks.metrics import accuracy
+    from stealguard.attacks.training import predict
+
+    started = time.perf_counter()
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    args.out.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(args.dataset, seed=args.seed)
+    model, info = experiment.base_model(args.dataset, seed=args.seed, log=log)
+    profile = experiment.profile_for(ds, args.quick)
+    records, calibration = experiment.run_experiment(ds, model, profile, args.seed, log=log)
+    base_test = predict(model, ds.test_x)
+    meta = {
+        **_meta(args, started),
+        "dataset": args.dataset,
+        "profile": "quick" if args.quick else "full",
+        "seed": args.seed,
+        "base": {**info, "accuracy": accuracy(base_test, ds.test_y),
+                 "mean_top_probability": float(base_test.max(1).mean())},
+        "split": {"base": len(ds.base_x), "attacker": len(ds.attacker_x),
+                  "test": len(ds.test_x)},
+        "attacker_architecture": profile.architecture,
+        "table_budget": profile.table_budget,
+        "strategy_budget": profile.strategy_budget,
+        "inversion_pairs": profile.inversion_pairs,
+        "calibration": calibration,
+        "targets": report.check_targets(records),
+    }
+    experiment.save_results(args.out / "results.json", meta, records)
+    (args.out / "report.md").write_text(report.render({"meta": meta, "runs": records}))
+    report.plot_agreement(records, args.out / "fig4_agreement.png", f"{args.dataset}")
+    report.plot_reverse_sigmoid(calibration["beta"], calibration["gamma"],
+                                args.out / "fig1_reverse_sigmoid.png")
+    for t in meta["targets"]:
+        status = {True: "met", False: "NOT MET", None: "undetermined"}[t["met"]]
+        print(f"[{status}] {t['target']}: {t['measured']}")
+    print(f"wrote {args.out}/results.json, report.md, fig4_agreement.png, "
+          f"fig1_reverse_sigmoid.png ({meta['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from stealguard.attacks import experiment
+    from stealguard.attacks.calibrate import calibrate, policy_yaml
+    from stealguard.attacks.datasets import load_dataset
+
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    ds = load_dataset(args.dataset, seed=args.seed)
+    name = args.model or args.dataset
+    if args.model_store is not None:
+        model = _model_from_store(args.model_store, name, ds)
+    else:
+        model, _ = experiment.base_model(args.dataset, seed=args.seed, log=log)
+    profile = experiment.profile_for(ds, args.quick)
+    budget = args.budget[-1] if args.budget else profile.calibration_budget
+    exp = experiment.Experiment(ds, model, profile, args.seed)
+    log(f"calibrating {name}: Sample at budget {budget}, "
+        f"beta {args.beta or list(profile.betas)} x gamma {args.gamma or list(profile.gammas)}")
+    result = calibrate(exp, args.beta or profile.betas, args.gamma or profile.gammas, budget)
+    for g in result["grid"]:
+        log(f"  beta {g['beta']:g} gamma {g['gamma']:g}: agreement {g['agreement']:.3f} "
+            f"(drop {g['drop']:+.3f}), cosine {g['cosine']:.3f}")
+    log(f"chosen: {result['reason']}")
+    print(f"# stealguard-attack calibrate: Sample budget {budget}, undefended agreement "
+          f"{result['baseline_agreement']:.3f}, drop >= {result['min_drop']:.2f} "
+          f"{'met' if result['met'] else 'NOT met'}")
+    print(policy_yaml(name, result["beta"], result["gamma"]), end="")
+    return 0
+
+
+def _model_from_store(store: Path, name: str, ds):
+    import torch
+    from stealguard.attacks.architectures import build_model
+    from stealguard.modelserver.store import ManifestError, read_manifest
+
+    path = store / f"{name}.yaml"
+    if not path.exists():
+        raise UsageError(f"--model: no model {name!r} in the model store {store} "
+                         f"(no {path.name})")
+    try:
+        spec = read_manifest(path)
+    except ManifestError as e:
+        raise UsageError(f"--model-store: {e}") from None
+    if tuple(spec.input_shape) != tuple(ds.input_shape):
+        raise UsageError(f"--dataset: model {name!r} takes input {list(spec.input_shape)}, "
+                         f"dataset {ds.name} has {list(ds.input_shape)}")
+    model = build_model(spec.architecture, spec.input_shape, len(spec.labels))
+    model.load_state_dict(torch.load(spec.weights, weights_only=True))
+    return model.eval()
+
+
+def cmd_run(args) -> int:
+    from stealguard.attacks import remote
+
+    started = time.perf_counter()
+    strategies = [s for group in (args.strategy or [["sample"]]) for s in group]
+    if "same-layer" in strategies and (args.beta is None or args.gamma is None):
+        raise UsageError("--strategy same-layer needs --beta and --gamma (the defense's)")
+    from stealguard.attacks.architectures import ARCHITECTURE_NAMES
+
+    if args.architecture not in ARCHITECTURE_NAMES:
+        raise UsageError(f"--architecture: unknown {args.architecture!r}; choose one of "
+                         f"{', '.join(ARCHITECTURE_NAMES)}")
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    result = remote.run_remote(
+        target=args.target, models=args.model, strategies=strategies, budgets=args.budget,
+        baseline_model=args.baseline_model, dataset=args.dataset,
+        architecture=args.architecture, beta=args.beta, gamma=args.gamma,
+        timeout=args.timeout, quick=args.quick, seed=args.seed, log=log)
+    result["meta"] = _meta(args, started)
+    remote.write_outputs(result, args.out)
+    print(remote.render_table(result))
+    print(f"wrote {args.out}/report.json, report.md, agreement.png")
+    return 0
+
+
+COMMANDS = {"experiment": cmd_experiment, "calibrate": cmd_calibrate, "run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `stealguard-attack`; returns the exit status."""
+    from stealguard.attacks.oracles import BudgetExceeded, OracleError
+
+    try:
+        args = build_parser().parse_args(argv)
+        _setup_torch()
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"stealguard-attack: error: {e}", file=sys.stderr)
+        return 2
+    except (OracleError, BudgetExceeded, ValueError, OSError) as e:
+        print(f"stealguard-attack: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stealguard-attack: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
