@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ._validation import F32, F64, as_rows, first_invalid_row, row_error, softmax
+from ._validation import F32, F64, as_rows, first_invalid_row, read_only_flat, row_error, softmax
 
 # Batches with fewer values than this run on one thread: waking numba's thread pool costs
 # more than it saves below this size (see bench/kernels.py --threshold).
@@ -105,7 +105,7 @@ class Defense:
         if k == 1:
             return self._binary(rows, check).reshape(np.shape(probs))
         out = np.empty((n, k), rows.dtype)
-        y = rows.reshape(-1)
+        y = read_only_flat(rows)
         kernel = self._serial if n * k < PARALLEL_MIN_VALUES else self._parallel
         bad = kernel(y, out.reshape(-1), n, k, check, *self._args[rows.dtype])
         if bad >= 0:
@@ -115,13 +115,14 @@ class Defense:
     def _binary(self, column: np.ndarray, check: bool) -> np.ndarray:
         n = column.shape[0]
         if check:
-            bad = first_invalid_row(column.reshape(-1), n, 1)
+            bad = first_invalid_row(read_only_flat(column), n, 1)
             if bad >= 0:
                 raise row_error(column, bad)
-        pairs = np.empty((n, 2), column.dtype)
+        # (1 - p, p) in float64 whatever the dtype: 1 - p is exact there, not in float32
+        pairs = np.empty((n, 2), np.float64)
         pairs[:, 1] = column[:, 0]
-        pairs[:, 0] = 1 - column[:, 0]
+        pairs[:, 0] = 1.0 - pairs[:, 1]
         out = np.empty_like(pairs)
         kernel = self._serial if 2 * n < PARALLEL_MIN_VALUES else self._parallel
-        kernel(pairs.reshape(-1), out.reshape(-1), n, 2, False, *self._args[column.dtype])
-        return out[:, 1].copy()
+        kernel(read_only_flat(pairs), out.reshape(-1), n, 2, False, *self._args[F64])
+        return out[:, 1].astype(column.dtype)

@@ -46,11 +46,22 @@ def as_rows(probs: np.ndarray) -> np.ndarray:
             "probabilities must be 1-D (one row) or 2-D (rows, classes), "
             f"got {ndim}-D with shape {probs.shape}"
         )
-    if not rows.flags.c_contiguous:
-        rows = np.ascontiguousarray(rows)
+    if not (rows.flags.c_contiguous and rows.flags.aligned):
+        rows = np.array(rows, order="C")  # strided or unaligned (np.frombuffer at an offset)
     if rows.shape[1] == 0 and rows.shape[0] > 0:
         raise ValueError(f"probabilities have no classes (shape {probs.shape})")
     return rows
+
+
+def read_only_flat(rows: np.ndarray) -> np.ndarray:
+    """A read-only flat view of C-contiguous rows.
+
+    Kernels only ever see read-only input, so numba compiles one specialisation per dtype
+    instead of two (writable and read-only arrays are different numba types).
+    """
+    flat = rows.reshape(-1)  # always a new view object, so the flag is ours to set
+    flat.flags.writeable = False
+    return flat
 
 
 @njit(inline="always")
@@ -103,18 +114,17 @@ def softmax_rows(x, out, n, k):
     return -1
 
 
-def _describe_value(v: float) -> str:
-    return repr(float(v)) if math.isfinite(v) else str(float(v))
-
-
 def row_error(rows: np.ndarray, i: int, logits: bool = False) -> ValueError:
-    """The ValueError for invalid row i of the 2-D array rows, naming the reason."""
+    """The ValueError for invalid row i of the 2-D array rows, naming the reason.
+
+    Values print as the shortest text of their own dtype (float32 1.2 is "1.2").
+    """
     row = rows[i]
-    for j, v in enumerate(row.tolist()):
-        if not math.isfinite(v):
-            return ValueError(f"row {i}: value {_describe_value(v)} at column {j} is not finite")
+    for j, v in enumerate(row):
+        if not np.isfinite(v):
+            return ValueError(f"row {i}: value {v!s} at column {j} is not finite")
         if not logits and not 0.0 <= v <= 1.0:
-            return ValueError(f"row {i}: value {v!r} at column {j} is outside [0, 1]")
+            return ValueError(f"row {i}: value {v!s} at column {j} is outside [0, 1]")
     total = float(np.sum(row, dtype=np.float64))
     return ValueError(f"row {i}: sums to {total:.4f}, expected 1 within {SUM_TOLERANCE:g}")
 
@@ -126,7 +136,7 @@ def softmax(rows: np.ndarray) -> np.ndarray:
     """
     out = np.empty(rows.shape, rows.dtype)
     n, k = rows.shape
-    bad = softmax_rows(rows.reshape(-1), out.reshape(-1), n, k)
+    bad = softmax_rows(read_only_flat(rows), out.reshape(-1), n, k)
     if bad >= 0:
         raise row_error(rows, bad, logits=True)
     return out
@@ -143,7 +153,7 @@ def validate(probs: np.ndarray, logits: bool = False) -> np.ndarray:
     if logits:
         return softmax(rows)
     n, k = rows.shape
-    bad = first_invalid_row(rows.reshape(-1), n, k)
+    bad = first_invalid_row(read_only_flat(rows), n, k)
     if bad >= 0:
         raise row_error(rows, bad)
     return rows

@@ -1,0 +1,171 @@
+"""Reverse Sigmoid against DESIGN.md, the top-1 guard, the registry and input handling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _defenses_helpers import digits_softmax_rows, reverse_sigmoid_reference, softmax
+from stealguard.server.defenses import DEFENSE_NAMES, make_defense, validate, warm_up
+
+SETTINGS = [(1.0, 0.1), (1.5, 0.3), (1.0, 0.5), (2.0, 0.2), (0.7, 0.4), (3.0, 1.0)]
+
+
+@pytest.fixture(scope="module")
+def digits_rows() -> np.ndarray:
+    return digits_softmax_rows()
+
+
+def _unguarded(beta, gamma):
+    return make_defense("reverse_sigmoid", beta=beta, gamma=gamma, preserve_top1=False)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("beta,gamma", SETTINGS)
+def test_reverse_sigmoid_matches_float64_formula_on_real_model_rows(digits_rows, dtype, beta,
+                                                                    gamma):
+    probs = digits_rows.astype(dtype)
+    out = _unguarded(beta, gamma)(probs)
+    assert out.dtype == dtype and out.shape == probs.shape
+    np.testing.assert_allclose(out, reverse_sigmoid_reference(probs, beta, gamma), rtol=0,
+                               atol=1e-6)
+
+
+def _edge_rows():
+    rng = np.random.default_rng(7)
+    wide = softmax(rng.normal(0, 3, (50, 1000)))
+    return {
+        "one_hot": np.eye(10),
+        "uniform": np.full((3, 10), 0.1),
+        "zeros_and_ones": np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.5, 0.0]]),
+        "two_classes": np.array([[0.5, 0.5], [1e-12, 1 - 1e-12], [0.3, 0.7]]),
+        "binary_column": np.array([[0.0], [1.0], [0.5], [0.5301345], [1e-7]]),
+        "thousand_classes": wide,
+        "empty": np.zeros((0, 10)),
+    }
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", sorted(_edge_rows()))
+def test_reverse_sigmoid_matches_float64_formula_on_edge_rows(case, dtype):
+    probs = _edge_rows()[case].astype(dtype)
+    for beta, gamma in SETTINGS:
+        out = _unguarded(beta, gamma)(probs)
+        assert out.shape == probs.shape and out.dtype == dtype
+        np.testing.assert_allclose(out, reverse_sigmoid_reference(probs, beta, gamma), rtol=0,
+                                   atol=1e-6, err_msg=f"beta={beta} gamma={gamma}")
+
+
+GOLDEN_IN = [0.12109935, 0.0498215, 0.0993958, 0.06410096, 0.11366928, 0.04645343, 0.06419807,
+             0.30685693, 0.07616714, 0.05823757]
+GOLDEN_OUT = [0.10733664, 0.07743666, 0.09712707, 0.08230411, 0.10377649, 0.0764482,
+              0.08234023, 0.20600921, 0.08703023, 0.08019119]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_reverse_sigmoid_reproduces_published_golden_values(dtype):
+    defense = make_defense("reverse_sigmoid", beta=1.0, gamma=0.1)
+    out = defense(np.array(GOLDEN_IN, dtype))
+    assert np.abs(out - np.array(GOLDEN_OUT)).max() < 5e-5
+    column = defense(np.array([[0.5301345]], dtype))
+    assert column.shape == (1, 1)
+    assert abs(column[0, 0] - 0.52711743) < 5e-5
+
+
+def test_guard_restores_top1_only_on_rows_the_formula_would_flip(digits_rows):
+    probs = digits_rows.astype(np.float32)
+    plain = _unguarded(1.5, 0.3)(probs)
+    guarded = make_defense("reverse_sigmoid", beta=1.5, gamma=0.3)(probs)
+    flipped = plain.argmax(axis=1) != probs.argmax(axis=1)
+    assert flipped.mean() > 0.5  # confident rows: tiny classes overtake the top one
+    assert (guarded.argmax(axis=1) == probs.argmax(axis=1)).all()
+    np.testing.assert_array_equal(guarded[~flipped], plain[~flipped])
+    np.testing.assert_allclose(guarded.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_guard_is_the_smallest_adjustment_averaging_top_with_classes_above_it():
+    # unguarded output of this row is known; check the projection on a hand-made case
+    defense = make_defense("reverse_sigmoid", beta=1.5, gamma=0.3, preserve_top1=False)
+    row = np.array([[0.90, 1e-6, 0.0999990]])
+    plain = defense(row)[0]
+    guarded = make_defense("reverse_sigmoid", beta=1.5, gamma=0.3)(row)[0]
+    assert plain.argmax() != 0
+    above = plain > plain[0]
+    level = (plain[0] + plain[above].sum()) / (1 + above.sum())
+    if (plain[~above][1:] > level).any():  # the set above shrinks once in this case
+        above = plain > level
+        level = (plain[0] + plain[above].sum()) / (1 + above.sum())
+    expected = np.where(above, level, plain)
+    expected[0] = level
+    np.testing.assert_allclose(guarded, expected, rtol=0, atol=1e-15)
+    assert guarded.argmax() == 0
+
+
+def test_guard_breaks_ties_for_a_top_class_after_an_equal_one():
+    # class 1 is the top-1; the plain formula maps both small classes to the same value
+    row = np.array([[1e-6, 0.999998, 1e-6]], np.float32)
+    plain = _unguarded(1.5, 0.3)(row)[0]
+    guarded = make_defense("reverse_sigmoid", beta=1.5, gamma=0.3)(row)[0]
+    assert plain[0] == plain[2] > plain[1]
+    assert guarded.argmax() == 1
+    assert guarded[0] == np.nextafter(guarded[1], np.float32(0))
+    assert guarded[2] == guarded[1]
+
+
+def test_reverse_sigmoid_defaults_are_the_design_default_policy():
+    defense = make_defense("reverse_sigmoid")
+    assert defense.name == "reverse_sigmoid"
+    assert defense.params == {"beta": 1.5, "gamma": 0.3, "preserve_top1": 1.0}
+
+
+def test_every_registered_defense_has_name_and_numeric_params():
+    assert DEFENSE_NAMES[:2] == ("reverse_sigmoid", "none")
+    assert len(DEFENSE_NAMES) == 12
+    for name in DEFENSE_NAMES:
+        defense = make_defense(name, secret=b"k")
+        assert defense.name == name
+        assert all(isinstance(v, float) for v in defense.params.values())
+
+
+def test_input_is_never_written_and_read_only_input_works():
+    rows = softmax(np.random.default_rng(1).normal(0, 2, (4, 10))).astype(np.float32)
+    frozen = np.frombuffer(rows.tobytes(), np.float32).reshape(4, 10)
+    unaligned = np.frombuffer(b"\0" + rows.tobytes(), np.float32, offset=1).reshape(4, 10)
+    assert not frozen.flags.writeable and not unaligned.flags.aligned
+    for name in DEFENSE_NAMES:
+        defense = make_defense(name, secret=b"k")
+        expected = defense(rows.copy())
+        np.testing.assert_array_equal(defense(frozen), expected)
+        np.testing.assert_array_equal(defense(unaligned), expected)
+    np.testing.assert_array_equal(frozen, rows)
+
+
+def test_one_row_in_gives_one_row_out_and_strided_input_is_accepted():
+    defense = make_defense("reverse_sigmoid")
+    rows = softmax(np.random.default_rng(2).normal(0, 2, (6, 10)))
+    assert defense(rows[0]).shape == (10,)
+    np.testing.assert_array_equal(defense(rows[::2]), defense(rows[::2].copy()))
+    assert defense(rows.T.copy().T).shape == (6, 10)
+
+
+def test_logits_are_softmaxed_first():
+    logits = np.random.default_rng(3).normal(0, 3, (5, 10))
+    defense = make_defense("reverse_sigmoid")
+    np.testing.assert_allclose(defense(logits, logits=True), defense(softmax(logits)),
+                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(validate(logits, logits=True), softmax(logits), rtol=0,
+                               atol=1e-15)
+    column = np.array([[-2.0], [0.0], [800.0]])
+    np.testing.assert_allclose(validate(column, logits=True)[:, 0],
+                               [1 / (1 + np.exp(2.0)), 0.5, 1.0])
+
+
+def test_large_batches_use_the_parallel_kernel_with_the_same_result():
+    rows = softmax(np.random.default_rng(4).normal(0, 3, (20_000, 10))).astype(np.float32)
+    defense = make_defense("reverse_sigmoid")
+    parallel = defense(rows)
+    serial = np.concatenate([defense(rows[i:i + 1000]) for i in range(0, 20_000, 1000)])
+    np.testing.assert_array_equal(parallel, serial)
+
+
+def test_warm_up_returns_seconds():
+    assert warm_up() >= 0.0
