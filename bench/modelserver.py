@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Model server: what protection adds to a `Predictions` call (`mnist` against `mnist-open`).
+
+    python bench/modelserver.py               # 3,000 calls of each model
+    python bench/modelserver.py --quick       # 500 of each
+    python bench/modelserver.py --input png --batch 1 --calls 5000 --format json
+
+Starts `stealguard-sidecar` (Reverse Sigmoid, beta 1.5, gamma 0.3) and
+`stealguard-modelserver` on free loopback ports. One client sends MNIST test images (.npy
+or PNG) as TorchServe `Predictions`, one call at a time, alternating `mnist` (protected:
+inference, then the sidecar) and `mnist-open` (the same model, no protect step) in the same
+run, so both see the same machine. Reports p50/p99/mean of each, what protection adds (the
+difference of the p50s and the p50 of the per-pair differences), and the sidecar's own
+`Perturb` round trip for the same probabilities. Target: protection adds at most 0.5 ms at
+p50.
+
+Prints Markdown; writes {"headline": {...}} to $STEALGUARD_BENCH_JSON when set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+# The process helpers of the proxy benchmark, one copy for both.
+from proxy import CONFIG, console_script, free_port, mnist_sample, npy, start, stop, summary
+from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc
+
+MODELS = ("mnist-open", "mnist")
+
+
+def request_data(kind: str, batch: int) -> bytes:
+    """`batch` MNIST test images as .npy (batch > 1: shape (N, 1, 28, 28)) or one PNG."""
+    if kind == "png":
+        import io
+
+        from PIL import Image
+
+        pixels = np.round(mnist_sample()[0] * 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+        return buffer.getvalue()
+    if batch == 1:
+        return npy(mnist_sample())
+    from stealguard.attacks.datasets import load_dataset
+
+    return npy(load_dataset("mnist").test_x[:batch])
+
+
+def measure(address: str, data: bytes, calls: int, warmup: int) -> dict[str, np.ndarray]:
+    """Alternate `mnist-open` and `mnist` calls; latencies in milliseconds."""
+    stub = inference_pb2_grpc.InferenceAPIsServiceStub(grpc.insecure_channel(address))
+    requests = [inference_pb2.PredictionsRequest(model_name=m, input={"data": data})
+                for m in MODELS]
+    for _ in range(warmup):
+        for request in requests:
+            stub.Predictions(request, timeout=10)
+    times = np.empty((calls, 2))
+    for i in range(calls):
+        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+            started = time.perf_counter_ns()
+            stub.Predictions(requests[which], timeout=10)
+            times[i, which] = (time.perf_counter_ns() - started) / 1e6
+    return {model: times[:, k] for k, model in enumerate(MODELS)}
+
+
+def measure_sidecar(address: str, probs: np.ndarray, calls: int) -> np.ndarray:
+    """The sidecar's Perturb round trip for `probs` from a blocking client, in ms."""
+    from stealguard.client import DefenseClient
+
+    with DefenseClient(address, timeout=10) as client:
+        for _ in range(min(calls, 200)):
+            client.perturb(probs, model="mnist")
+        times = np.empty(calls)
+        for i in range(calls):
+            started = time.perf_counter_ns()
+            client.perturb(probs, model="mnist")
+            times[i] = (time.perf_counter_ns() - started) / 1e6
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=3000, help="pairs of calls measured")
+    parser.add_argument("--warmup", type=int, default=200, help="pairs of calls not measured")
+    parser.add_argument("--input", choices=["npy", "png"], default="npy",
+                        help="request format (default npy)")
+    parser.add_argument("--batch", type=int, default=1, help="images per call (.npy only)")
+    parser.add_argument("--quick", action="store_true", help="500 pairs")
+    parser.add_argument("--format", choices=["markdown", "json"], default="markdown")
+    args = parser.parse_args(argv)
+    if args.quick or os.environ.get("STEALGUARD_BENCH_QUICK"):
+        args.calls, args.warmup = min(args.calls, 500), min(args.warmup, 100)
+    if args.calls < 10 or args.warmup < 0:
+        parser.error("--calls must be at least 10 and --warmup at least 0")
+    if args.batch < 1 or (args.input == "png" and args.batch != 1):
+        parser.error("--batch must be at least 1, and 1 with --input png")
+
+    data = request_data(args.input, args.batch)
+    tmp = Path(tempfile.mkdtemp(prefix="stealguard-bench-modelserver-"))
+    sidecar_address, address = (f"127.0.0.1:{free_port()}" for _ in range(2))
+    (tmp / "sidecar.yaml").write_text(CONFIG)
+    procs = []
+    try:
+        procs.append(start([console_script("stealguard-sidecar"), "--listen", sidecar_address,
+                            "--config", str(tmp / "sidecar.yaml")],
+                           sidecar_address, tmp / "sidecar.log", 600))
+        procs.append(start([console_script("stealguard-modelserver"), "--listen", address,
+                            "--sidecar", sidecar_address, "--model-store", str(tmp / "store")],
+                           address, tmp / "modelserver.log", 600))
+        load_before = os.getloadavg()[0]
+        times = measure(address, data, args.calls, args.warmup)
+        stub = inference_pb2_grpc.InferenceAPIsServiceStub(grpc.insecure_channel(address))
+        raw = np.array(json.loads(stub.Predictions(inference_pb2.PredictionsRequest(
+            model_name="mnist-open", input={"data": data}), timeout=10).prediction))
+        sidecar = measure_sidecar(sidecar_address, raw, args.calls)
+        load_after = os.getloadavg()[0]
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    open_, protected, alone = (summary(times["mnist-open"]), summary(times["mnist"]),
+                               summary(sidecar))
+    added_p50 = protected["p50_ms"] - open_["p50_ms"]
+    paired_p50 = float(np.percentile(times["mnist"] - times["mnist-open"], 50))
+    result = {"input": args.input, "batch": args.batch, "calls": args.calls,
+              "mnist-open": open_, "mnist": protected, "sidecar_perturb": alone,
+              "added_p50_ms": added_p50, "paired_diff_p50_ms": paired_p50,
+              "added_p99_ms": protected["p99_ms"] - open_["p99_ms"],
+              "load_average": [load_before, load_after], "cores": os.cpu_count()}
+    if os.environ.get("STEALGUARD_BENCH_JSON"):
+        Path(os.environ["STEALGUARD_BENCH_JSON"]).write_text(json.dumps({"headline": {
+            f"protection added to Predictions p50 ({args.input}, batch {args.batch})":
+                f"{added_p50:.3f} ms",
+            "protection added to Predictions p99": f"{result['added_p99_ms']:.3f} ms",
+        }}))
+    if args.format == "json":
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"`stealguard-modelserver` with `stealguard-sidecar` (Reverse Sigmoid, beta 1.5, "
+          f"gamma 0.3) on loopback; {args.batch} MNIST test image(s) as {args.input} per "
+          f"`Predictions` call, one call at a time, {args.calls} calls of each model "
+          f"alternating in one run ({args.warmup} pairs of warm-up); load average "
+          f"{load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} cores.\n")
+    print("| model | p50 ms | p99 ms | mean ms |\n|---|---|---|---|")
+    rows = (("`mnist-open` (no protect step)", open_), ("`mnist` (protected)", protected),
+            ("sidecar `Perturb` alone (same probabilities)", alone))
+    for name, s in rows:
+        print(f"| {name} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {s['mean_ms']:.3f} |")
+    print(f"\nAdded by protection: **{added_p50:.3f} ms at p50** (p50 of per-pair differences "
+          f"{paired_p50:.3f} ms), {result['added_p99_ms']:.3f} ms at p99. Target: at most "
+          f"0.5 ms at p50.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
