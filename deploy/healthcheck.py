@@ -1,12 +1,12 @@
 """Container health probe: exit 0 when the gRPC server at ADDR is serving, 1 otherwise.
 
 Usage:
-  python3 healthcheck.py [ADDR] [--service NAME]   grpc.health.v1 Check (the sidecar)
-  python3 healthcheck.py [ADDR] --torchserve       TorchServe Ping says "Healthy" (model server)
+  python3 healthcheck.py [ADDR] [--service NAME]   grpc.health.v1 Check (sidecar, model server)
+  python3 healthcheck.py [ADDR] --torchserve       TorchServe's Ping says "Healthy" (for a real
+                                                   TorchServe, which has no grpc.health)
 
 ADDR defaults to $STEALGUARD_HEALTHCHECK_ADDR, else 127.0.0.1:50051. Docker's HEALTHCHECK
-and Compose's healthcheck run it inside the container; Kubernetes uses its own gRPC probe
-for the sidecar and this script (exec probe) for the model server.
+and Compose's healthcheck run it inside the container; Kubernetes uses its own gRPC probe.
 """
 
 from __future__ import annotations

@@ -62,7 +62,8 @@ def test_sidecar_image_has_no_torch_and_warms_numba_at_build_time():
     stages = dockerfile_stages()
     sidecar_chain = " ".join(stages["deps"] + stages["sidecar-build"] + stages["sidecar"])
     assert "torch" not in sidecar_chain
-    assert "lab" not in re.findall(r"requirements\.py \S+ ?(\w*)", sidecar_chain)
+    assert "requirements-sidecar.txt" in sidecar_chain
+    assert "requirements-lab.txt" not in sidecar_chain
     runs = instructions(stages["sidecar"], "RUN")
     assert any("warm_up()" in run for run in runs)
     assert any("NUMBA_CACHE_DIR" in env for env in instructions(stages["sidecar"], "ENV"))
@@ -87,8 +88,10 @@ def test_build_context_allows_every_file_the_dockerfile_copies():
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     text = (DEPLOY / "Dockerfile").read_text()
     for copy in re.findall(r"^COPY (?!--from)(.+)$", text, re.MULTILINE):
-        for source in copy.split()[:-1]:
-            source = source.replace("${WHEELS}", "deploy/wheels").rstrip("/")
+        sources = [word for word in copy.split()[:-1] if not word.startswith("--")]
+        for source in sources:
+            source = source.replace("${WHEELS}", "deploy/wheels")
+            source = source.replace("${TRAINING_CACHE}", "deploy/cache").rstrip("/")
             if source.endswith("*"):  # README*: optional
                 continue
             assert source in allowed, f"{source} is copied but excluded by .dockerignore"
@@ -149,14 +152,16 @@ def test_compose_ports_and_probes_match_the_images(compose):
     ms_cmd = modelserver["command"]
     assert ms_cmd[ms_cmd.index("--listen") + 1] == f"0.0.0.0:{MODELSERVER_PORT}"
     assert ms_cmd[ms_cmd.index("--sidecar") + 1] == f"sidecar:{SIDECAR_PORT}"
-    assert f"127.0.0.1:{MODELSERVER_PORT}" in modelserver["healthcheck"]["test"]
-    assert "--torchserve" in modelserver["healthcheck"]["test"]
+    assert modelserver["healthcheck"]["test"][3:] == [f"127.0.0.1:{MODELSERVER_PORT}"]
     assert modelserver["ports"][0].endswith(f":{MODELSERVER_PORT}")
     attack = services["attacker"]["command"]
     assert attack[:2] == ["stealguard-attack", "run"]
     assert attack[attack.index("--target") + 1] == f"modelserver:{MODELSERVER_PORT}"
     assert {"mnist", "mnist-open"} <= set(attack)
-    assert f"--target sidecar:{SIDECAR_PORT}" in services["loadtest"]["command"][0]
+    load = services["loadtest"]["command"]
+    assert load[load.index("--target") + 1] == f"sidecar:{SIDECAR_PORT}"
+    assert load[load.index("--format") + 1] == "json"
+    assert load[load.index("--output") + 1].startswith("/out/")
     for name in ("attacker", "loadtest"):
         assert services[name]["volumes"] == ["./out:/out"]
 
@@ -217,9 +222,7 @@ def test_kubernetes_ports_and_probes_agree_with_the_images(manifests):
     assert sidecar["args"][sidecar["args"].index("--listen") + 1] == f"0.0.0.0:{SIDECAR_PORT}"
     assert [p["containerPort"] for p in modelserver["ports"]] == [MODELSERVER_PORT]
     for probe in ("readinessProbe", "startupProbe"):
-        command = modelserver[probe]["exec"]["command"]
-        assert command[1:] == [HEALTHCHECK_IN_IMAGE, f"127.0.0.1:{MODELSERVER_PORT}",
-                               "--torchserve"]
+        assert modelserver[probe]["grpc"] == {"port": MODELSERVER_PORT}
     config_path = sidecar["args"][sidecar["args"].index("--config") + 1]
     (mount,) = sidecar["volumeMounts"]
     assert config_path.startswith(mount["mountPath"] + "/")
@@ -300,3 +303,39 @@ def test_healthcheck_reads_torchserve_ping():
         assert (done.returncode, done.stdout.strip()) == (0, f"{address}: Healthy")
     finally:
         server.stop(None)
+
+
+# --- the scenario's report check -----------------------------------------------------------
+
+def scenario_report(protected_agreement: float, stolen: float, stolen_open: float) -> dict:
+    def entry(kept: float, agreement: float) -> dict:
+        return {"protected_agreement": kept, "runs": [
+            {"strategy": "sample", "budget": 1000, "queries": 1000, "agreement": agreement}]}
+
+    return {"models": {"mnist": entry(protected_agreement, stolen),
+                       "mnist-open": entry(1.0, stolen_open)}}
+
+
+def run_check_report(tmp_path: Path, report: dict) -> subprocess.CompletedProcess:
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    return subprocess.run([sys.executable, str(DEPLOY / "check_report.py"), str(path)],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_check_report_passes_a_protected_model_with_a_large_gap(tmp_path):
+    done = run_check_report(tmp_path, scenario_report(1.0, 0.30, 0.95))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("check_report: OK")
+
+
+def test_check_report_fails_a_small_gap_naming_both_agreements(tmp_path):
+    done = run_check_report(tmp_path, scenario_report(1.0, 0.80, 0.95))
+    assert done.returncode == 1
+    assert "stolen agreement 0.80 (mnist) vs 0.95 (mnist-open): gap 0.15 < 0.20" in done.stderr
+
+
+def test_check_report_fails_when_the_defense_changes_labels(tmp_path):
+    done = run_check_report(tmp_path, scenario_report(0.99, 0.30, 0.95))
+    assert done.returncode == 1
+    assert "on 0.9900 of the test inputs, not 1.00" in done.stderr
