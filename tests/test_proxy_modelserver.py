@@ -1,0 +1,75 @@
+"""Proxy mode in front of our own model server (TorchServe protocol), as real processes.
+
+`stealguard-modelserver` answers `mnist-open` unprotected; `stealguard-sidecar proxy` in
+front of it must answer exactly what the real sidecar makes of that answer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from _modelserver_helpers import (
+    TorchServeClient,
+    mnist_test_images,
+    npy_bytes,
+    png_bytes,
+    start_modelserver,
+)
+from _proxy_helpers import start_proxy
+from stealguard.client import DefenseClient
+from stealguard.modelserver.training import trained_model
+
+CONFIG = """
+policies:
+  default: {defense: reverse_sigmoid, beta: 1.5, gamma: 0.3, preserve_top1: true}
+  mnist: {defense: none}   # the model server protects `mnist` itself
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(sidecar, tmp_path_factory):
+    """(direct client, client through the proxy, sidecar client)."""
+    trained_model()  # trained once per machine, cached
+    store = tmp_path_factory.mktemp("store")
+    modelserver, upstream = start_modelserver(sidecar, store)
+    config = tmp_path_factory.mktemp("proxy") / "proxy.yaml"
+    config.write_text(CONFIG)
+    proxy, address = start_proxy("torchserve", upstream, str(config))
+    clients = TorchServeClient(upstream), TorchServeClient(address)
+    defense = DefenseClient(sidecar, timeout=10)
+    yield (*clients, defense)
+    for client in clients:
+        client.close()
+    defense.close()
+    proxy.stop()
+    modelserver.stop()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return mnist_test_images(3)
+
+
+@pytest.mark.parametrize("encoding", ["png", "npy-sample", "npy-batch"])
+def test_mnist_open_through_the_proxy_is_the_sidecars_perturbation_of_its_answer(
+    stack, images, encoding
+):
+    direct, proxied, defense = stack
+    data = {"png": lambda: png_bytes(images[0]),
+            "npy-sample": lambda: npy_bytes(images[1]),
+            "npy-batch": lambda: npy_bytes(images)}[encoding]()
+    raw = direct.predict("mnist-open", data)
+    got = proxied.predict("mnist-open", data)
+    assert got.shape == raw.shape == ((3, 10) if encoding == "npy-batch" else (10,))
+    assert got.tolist() == defense.perturb(raw).tolist()
+    np.testing.assert_array_equal(got.argmax(-1), raw.argmax(-1))
+    assert np.abs(got - raw).max() > 0.05
+
+
+def test_a_model_with_policy_none_passes_the_model_servers_answer_unchanged(stack, images):
+    direct, proxied, _ = stack
+    request = direct.request("mnist", npy_bytes(images[0]))
+    raw = direct.stub.Predictions(request, timeout=30).prediction
+    assert json.loads(proxied.stub.Predictions(request, timeout=30).prediction) == json.loads(raw)
