@@ -30,19 +30,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 HERE = Path(__file__).resolve().parent
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def wait_serving(address: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -79,26 +72,23 @@ def measure(address: str, server_pid: int, procs: int, concurrency: int,
             duration: str) -> dict:
     """One closed-loop run at ``procs`` worker processes, after an unmeasured warm-up run."""
     common = ["--procs", str(procs), "--concurrency", str(concurrency)]
-    run_load(address, *common, "--duration", "1s")  # warm: connections, caches, JIT-free
-    cpu0 = cpu_seconds(server_pid)
-    doc = run_load(address, *common, "--duration", duration)
-    server_cpu = cpu_seconds(server_pid) - cpu0
-    doc["server_cpu_us_per_call"] = 1e6 * server_cpu / max(1, doc["requests"])
-    doc["server_cpu_per_s"] = server_cpu / doc["duration_s"]
-    return doc
+    run_load(address, *common, "--duration", "1s")  # warm: connections, caches
+    return run_load(address, *common, "--duration", duration, "--server-pid", str(server_pid))
 
 
 def verdict(run: dict) -> str:
     """Which side limited the run: the client, the server, or neither (a busy host)."""
     client = max(run["client"]["cpu_per_proc"])
-    server = run["server_cpu_per_s"]
+    server = run["server"]["cpu_cores"]
+    host = run["host"]["busy"]
     if client >= 0.9:
         return f"the generator was saturated ({client:.0%} of a core): this is its ceiling."
     if server >= 0.9:
-        return (f"the echo server was saturated ({server:.0%} of a core) with the generator "
-                f"at {client:.0%}: the generator has headroom.")
-    return (f"neither the generator ({client:.0%}) nor the server ({server:.0%}) filled a "
-            "core: the host's cores were busy with other work, so this rate is a floor.")
+        return (f"the echo server was saturated ({server:.2f} cores) with the generator "
+                f"at {client:.0%} of a core: the generator has headroom.")
+    return (f"neither the generator ({client:.0%}) nor the server ({server:.2f} cores) filled a "
+            f"core; the host was {host:.0%} busy, so other work took the CPU and this rate "
+            "is a floor.")
 
 
 def markdown(rows: list[dict], duration: str, concurrency: int) -> str:
@@ -108,7 +98,8 @@ def markdown(rows: list[dict], duration: str, concurrency: int) -> str:
         "",
         f"Closed loop, `Perturb` of 1x10 float32, concurrency {concurrency} in all, "
         f"{duration} per run after a 1 s warm-up; {os.cpu_count()} cores shared by client "
-        f"and server (load average {load1:.1f} at the end).",
+        f"and server (load average {load1:.1f} at the end; host CPU busy "
+        f"{', '.join(format(r['host']['busy'], '.0%') for r in rows)} during the runs).",
         "",
         "| --procs | calls/s | p50 ms | p99 ms | client CPU per proc | client CPU per call "
         "| calls/s per client core | server CPU | server CPU per call |",
@@ -118,10 +109,11 @@ def markdown(rows: list[dict], duration: str, concurrency: int) -> str:
         lat = r["latency_ms"]
         cpu = ", ".join(f"{u:.0%}" for u in r["client"]["cpu_per_proc"])
         per_call = r["client"]["cpu_us_per_call"]
+        server = r["server"]
         lines.append(
             f"| {r['procs']} | {r['rps']:.0f} | {lat['p50']:.2f} | {lat['p99']:.2f} | {cpu} "
-            f"| {per_call:.0f} us | {1e6 / per_call:.0f} | {r['server_cpu_per_s']:.0%} "
-            f"| {r['server_cpu_us_per_call']:.0f} us |"
+            f"| {per_call:.0f} us | {1e6 / per_call:.0f} | {server['cpu_cores']:.2f} cores "
+            f"| {server['cpu_us_per_call']:.0f} us |"
         )
     lines += ["", "Calls/s per client core (1 / client CPU per call) is what one generator "
               "process sustains when it has a core to itself; compare it with a server's CPU "

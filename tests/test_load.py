@@ -54,10 +54,15 @@ def sidecar(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def echo():
+def echo_server():
     process, address = start_echo()
-    yield address
+    yield process, address
     process.stop()
+
+
+@pytest.fixture
+def echo(echo_server):
+    return echo_server[1]
 
 
 class CountingDefense(defense_pb2_grpc.DefenseServicer):
@@ -111,7 +116,8 @@ def test_closed_loop_json_has_the_schema(sidecar):
     assert doc["rps"] == pytest.approx(doc["requests"] / doc["duration_s"], rel=0.01)
     assert_latency_block(doc["latency_ms"])
     assert "uncorrected_latency_ms" not in doc
-    assert doc["client"]["host_cpus"] >= 1 and len(doc["client"]["cpu_per_proc"]) == 1
+    assert doc["host"]["cpus"] >= 1 and 0 <= doc["host"]["busy"] <= 1
+    assert len(doc["client"]["cpu_per_proc"]) == 1 and doc["client"]["cpu_us_per_call"] > 0
 
 
 def test_open_loop_json_reports_corrected_and_uncorrected_latency(sidecar):
@@ -218,6 +224,13 @@ def test_predictions_method_sends_npy_batches(echo):
     assert doc["requests"] == doc["ok"] == 20 and doc["classes"] is None
 
 
+def test_server_pid_reports_the_servers_cpu_per_call(echo_server):
+    process, address = echo_server
+    doc = load_json("--target", address, "--total", "400", "--server-pid", str(process.pid))
+    assert doc["server"]["pids"] == [process.pid]
+    assert doc["server"]["cpu_cores"] > 0 and doc["server"]["cpu_us_per_call"] > 0
+
+
 def test_csv_has_one_row_per_latency_figure(echo):
     done = load("--target", echo, "--rps", "100", "--total", "30", "--format", "csv")
     assert done.returncode == 0, done.stderr
@@ -275,6 +288,7 @@ def test_unreachable_target_is_one_line_and_exit_1():
     (["--rps", "0"], ["--rps"]),
     (["--procs", "2", "--concurrency", "1"], ["--concurrency", "--procs"]),
     (["--duration", "soon"], ["--duration"]),
+    (["--server-pid", "999999999"], ["--server-pid"]),
 ])
 def test_contradictory_or_bad_flags_are_a_usage_error_naming_them(args, flags):
     done = load("--target", "127.0.0.1:1", *args)

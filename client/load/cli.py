@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import time
 
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--procs", type=int, default=1,
                    help="worker processes; their histograms merge into one (default 1)")
     g.add_argument("--seed", type=int, default=0, help="payload and arrival seed")
+    g.add_argument("--server-pid", type=int, action="append", default=[], metavar="PID",
+                   help="server on this host: report its CPU (with its child processes); "
+                        "repeatable")
     g = p.add_argument_group("payload")
     g.add_argument("--batch", type=int, default=1, help="rows (or samples) per request")
     g.add_argument("--classes", type=int, default=None, help="classes per row (default 10)")
@@ -163,9 +167,13 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         timeout=args.timeout,
         connect_timeout=args.connect_timeout,
         seed=args.seed,
+        server_pids=tuple(args.server_pid),
         security=Security(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name,
                           args.token_file),
     )
+    for pid in args.server_pid:
+        if not os.path.exists(f"/proc/{pid}"):
+            raise ValueError(f"--server-pid {pid}: no such process (or no /proc here)")
     problems = check(cfg)
     if problems:
         flag, reason = problems[0]

@@ -63,6 +63,7 @@ class LoadConfig:
     connect_timeout: float = 5.0
     seed: int = 0
     phase: float = 0.0  # seconds the first scheduled call is offset by (interleaves procs)
+    server_pids: tuple[int, ...] = ()  # same host: measure these processes' CPU (and children)
     security: Security = field(default_factory=Security)
 
     @property
@@ -85,6 +86,7 @@ class LoadConfig:
             total=None if self.total is None else split(self.total),
             seed=self.seed + 7919 * index,
             phase=0.0 if self.rps is None else index / self.rps,
+            server_pids=self.server_pids if index == 0 else (),  # measured once, by worker 0
         )
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
+from . import cpu as cpu_meter
 from .calls import OK, make_caller, open_channel, wait_reachable
 from .config import LoadConfig
 
@@ -179,6 +180,9 @@ class WorkerResult:
     elapsed_s: float
     cpu_s: float
     unsent: int = 0
+    host_busy: float | None = None  # share of all host cores busy during the run
+    server_cpu_s: float | None = None  # CPU of --server-pid processes during the run
+    server_pids: list[int] | None = None
 
 
 async def run_share(cfg: LoadConfig, requests: list[bytes], metadata,
@@ -203,10 +207,15 @@ async def run_share(cfg: LoadConfig, requests: list[bytes], metadata,
             on_ready()
         rec = Recorder(cfg.open_loop)
         ticker = asyncio.create_task(_tick(rec, progress)) if progress is not None else None
+        server_pids = cpu_meter.process_tree(list(cfg.server_pids))
+        host0, server0 = cpu_meter.host_ticks(), cpu_meter.cpu_seconds(server_pids)
         cpu0 = time.process_time()
         duration = None if cfg.total is not None else cfg.duration
         start, end = await drive(cfg, callers, duration, cfg.total, rec)
         cpu = time.process_time() - cpu0
+        host_busy = cpu_meter.host_busy(host0, cpu_meter.host_ticks())
+        server1 = cpu_meter.cpu_seconds(server_pids)
+        server_cpu = None if server0 is None or server1 is None else server1 - server0
         if ticker is not None:
             ticker.cancel()
             progress(rec.count)
@@ -223,6 +232,9 @@ async def run_share(cfg: LoadConfig, requests: list[bytes], metadata,
         elapsed_s=end - start,
         cpu_s=cpu,
         unsent=rec.unsent,
+        host_busy=host_busy,
+        server_cpu_s=server_cpu,
+        server_pids=server_pids,
     )
 
 

@@ -13,6 +13,7 @@ from .runner import RunResult
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p999", 99.9))
 SHORTFALL = 0.95  # achieved below this share of --rps is a warning
 CLIENT_BUSY = 0.90  # a worker process above this share of one core is saturated
+HOST_FULL = 0.95  # all cores of the host this busy: everyone competed for CPU
 
 
 def latency_ms(hist: HdrHistogram | None) -> dict[str, float] | None:
@@ -64,35 +65,55 @@ def summarize(result: RunResult) -> dict:
         "cpu_s": [round(c, 3) for c in result.cpu_s],
         "cpu_per_proc": [round(u, 3) for u in util],
         "cpu_us_per_call": round(1e6 * sum(result.cpu_s) / max(1, result.requests), 1),
-        "host_cpus": os.cpu_count(),
         "saturated": client_saturated,
     }
-    doc["warnings"] = warnings(result, client_saturated)
+    doc["host"] = {
+        "cpus": os.cpu_count(),
+        "busy": None if result.host_busy is None else round(result.host_busy, 3),
+    }
+    if result.server_pids is not None and result.cfg.server_pids:
+        cores = None if result.server_cpu_s is None else result.server_cpu_s / result.elapsed_s
+        doc["server"] = {
+            "pids": result.server_pids,
+            "cpu_cores": None if cores is None else round(cores, 3),
+            "cpu_us_per_call": None if result.server_cpu_s is None else round(
+                1e6 * result.server_cpu_s / max(1, result.requests), 1),
+        }
+    doc["warnings"] = warnings(doc)
     return doc
 
 
-def warnings(result: RunResult, client_saturated: bool) -> list[str]:
-    """What a reader must know before trusting the figures."""
-    cfg = result.cfg
+def warnings(doc: dict) -> list[str]:
+    """What a reader must know before trusting the figures, and which side was the limit."""
     out = []
-    busiest = max(result.cpu_util)
-    if cfg.open_loop and result.rps < SHORTFALL * cfg.rps:
-        why = (
-            f"the client was saturated ({busiest:.0%} of a core per process): add --procs"
-            if client_saturated
-            else f"the client was not saturated ({busiest:.0%} of a core), so the server "
-            f"or the --concurrency {cfg.concurrency} in-flight cap limited it"
-        )
-        out.append(f"achieved {result.rps:.0f} rps is below the requested {cfg.rps:g} rps: {why}")
-    if result.unsent:
-        out.append(f"{result.unsent} calls scheduled within the run never started (no sender "
+    busiest = max(doc["client"]["cpu_per_proc"])
+    host_busy = doc["host"]["busy"]
+    host_full = host_busy is not None and host_busy >= HOST_FULL
+    server_cores = doc.get("server", {}).get("cpu_cores")
+    if doc["client"]["saturated"]:
+        why = f"the client was saturated ({busiest:.0%} of a core per process): add --procs"
+    elif server_cores is not None and server_cores >= CLIENT_BUSY:
+        why = (f"the server was busy ({server_cores:.2f} cores) and the client was not "
+               f"({busiest:.0%} of a core)")
+    elif host_full:
+        why = (f"the host's cores were all busy ({host_busy:.0%}) though the client was not "
+               f"({busiest:.0%} of a core): the server or other processes took them")
+    else:
+        why = (f"the client was not saturated ({busiest:.0%} of a core), so the server or the "
+               f"--concurrency {doc['concurrency']} in-flight cap limited it")
+    if doc["mode"] == "open" and doc["rps"] < SHORTFALL * doc["requested_rps"]:
+        out.append(f"achieved {doc['rps']:.0f} rps is below the requested "
+                   f"{doc['requested_rps']:g} rps: {why}")
+    elif doc["client"]["saturated"]:
+        out.append(f"client CPU at {busiest:.0%} of a core per process: the load generator may "
+                   "be what limits this rate; add --procs")
+    if doc.get("unsent"):
+        out.append(f"{doc['unsent']} calls scheduled within the run never started (no sender "
                    "was free before it ended); the latency figures do not include them")
-    elif client_saturated:
-        out.append(
-            f"client CPU at {busiest:.0%} of a core per process: the load generator may be "
-            "what limits this rate; add --procs"
-        )
-    if result.requests and result.ok == 0:
+    if host_full and not doc["client"]["saturated"]:
+        out.append(f"the host's {doc['host']['cpus']} cores were {host_busy:.0%} busy: client "
+                   "and server competed for CPU, so rates are a floor and latencies noisy")
+    if doc["requests"] and doc["ok"] == 0:
         out.append("no call succeeded: see errors")
     return out
 
@@ -139,8 +160,15 @@ def table(doc: dict) -> str:
         lines.append(f"  {name:<11}" + "".join(f"{c:>9}" for c in cells))
     cpu = ", ".join(f"{u:.0%}" for u in doc["client"]["cpu_per_proc"])
     lines += ["", f"  client CPU  {cpu} of a core per process, "
-                  f"{doc['client']['cpu_us_per_call']:.0f} us per call "
-                  f"({doc['client']['host_cpus']} cores on this host)"]
+                  f"{doc['client']['cpu_us_per_call']:.0f} us per call"]
+    server = doc.get("server")
+    if server and server["cpu_cores"] is not None:
+        lines.append(f"  server CPU  {server['cpu_cores']:.2f} cores, "
+                     f"{server['cpu_us_per_call']:.0f} us per call (pids "
+                     f"{', '.join(map(str, server['pids']))})")
+    busy = doc["host"]["busy"]
+    lines.append(f"  host        {doc['host']['cpus']} cores"
+                 + ("" if busy is None else f", {busy:.0%} busy during the run"))
     for w in doc["warnings"]:
         lines.append(f"  WARNING: {w}")
     return "\n".join(lines) + "\n"

@@ -31,6 +31,9 @@ class RunResult:
     elapsed_s: float
     cpu_s: list[float]  # per process
     unsent: int = 0  # open loop: calls scheduled within the duration that never started
+    host_busy: float | None = None
+    server_cpu_s: float | None = None
+    server_pids: list[int] | None = None
 
     @property
     def requests(self) -> int:
@@ -70,6 +73,9 @@ def merge(cfg: LoadConfig, parts: list[WorkerResult]) -> RunResult:
         elapsed_s=max(p.elapsed_s for p in parts),
         cpu_s=[p.cpu_s for p in parts],
         unsent=sum(p.unsent for p in parts),
+        host_busy=parts[0].host_busy,  # worker 0 measures the host and the server
+        server_cpu_s=parts[0].server_cpu_s,
+        server_pids=parts[0].server_pids,
     )
 
 
