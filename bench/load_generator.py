@@ -6,12 +6,16 @@ request and send its tensor back. The rate stealguard-load reaches against it, w
 ``--procs 1`` and ``--procs 2``, is the ceiling of the generator on this host; a sidecar
 figure well below it is the sidecar's, not the generator's.
 
-    python bench/load_generator.py [--duration 5s] [--concurrency 32] [--quick]
+The same runs against ``stealguard-sidecar`` (default policy, Reverse Sigmoid) follow in
+the same table, so the generator's ceiling and the sidecar's rate come from one run.
+
+    python bench/load_generator.py [--duration 5s] [--concurrency 32] [--quick] [--no-sidecar]
 
 Prints a Markdown table (and writes JSON to $STEALGUARD_BENCH_JSON when set, for
 bench/run_all). Closed loop, Perturb of one 10-class float32 row. Client and server share
 this host's cores, so on a small or busy machine both limits are mixed: the table gives
-the client's CPU per process and the server's CPU per call so a reader can tell.
+the client's CPU per process, the server's CPU per call and how busy the host was, so a
+reader can tell which side was the limit.
 """
 
 from __future__ import annotations
@@ -38,11 +42,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_serving(address: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+def wait_serving(address: str, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"echo server exited with {proc.returncode}")
+            raise SystemExit(f"{proc.args[0]} exited with {proc.returncode}")
         with grpc.insecure_channel(address) as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -52,7 +56,7 @@ def wait_serving(address: str, proc: subprocess.Popen, timeout: float = 30.0) ->
             except grpc.RpcError:
                 pass
         time.sleep(0.1)
-    raise SystemExit(f"echo server not SERVING on {address} after {timeout}s")
+    raise SystemExit(f"{proc.args[0]} not SERVING on {address} after {timeout}s")
 
 
 def load_command() -> list[str]:
@@ -84,45 +88,65 @@ def verdict(run: dict) -> str:
     if client >= 0.9:
         return f"the generator was saturated ({client:.0%} of a core): this is its ceiling."
     if server >= 0.9:
-        return (f"the echo server was saturated ({server:.2f} cores) with the generator "
-                f"at {client:.0%} of a core: the generator has headroom.")
+        return (f"the server was saturated ({server:.2f} cores) with the generator at "
+                f"{client:.0%} of a core: the generator has headroom.")
     return (f"neither the generator ({client:.0%}) nor the server ({server:.2f} cores) filled a "
             f"core; the host was {host:.0%} busy, so other work took the CPU and this rate "
             "is a floor.")
 
 
-def markdown(rows: list[dict], duration: str, concurrency: int) -> str:
+def markdown(rows: list[tuple[str, dict]], duration: str, concurrency: int,
+             notes: list[str]) -> str:
     load1 = os.getloadavg()[0]
+    busy = ", ".join(format(r["host"]["busy"], ".0%") for _, r in rows)
     lines = [
-        "### stealguard-load: maximum rate against the bare echo server",
+        "### stealguard-load: maximum rate against the bare echo server (and the sidecar)",
         "",
         f"Closed loop, `Perturb` of 1x10 float32, concurrency {concurrency} in all, "
         f"{duration} per run after a 1 s warm-up; {os.cpu_count()} cores shared by client "
-        f"and server (load average {load1:.1f} at the end; host CPU busy "
-        f"{', '.join(format(r['host']['busy'], '.0%') for r in rows)} during the runs).",
+        f"and server (host CPU busy {busy} during the runs; load average {load1:.1f} at the "
+        "end).",
         "",
-        "| --procs | calls/s | p50 ms | p99 ms | client CPU per proc | client CPU per call "
-        "| calls/s per client core | server CPU | server CPU per call |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| server | --procs | calls/s | p50 ms | p99 ms | client CPU per proc "
+        "| client CPU per call | calls/s per client core | server CPU | server CPU per call |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for name, r in rows:
         lat = r["latency_ms"]
         cpu = ", ".join(f"{u:.0%}" for u in r["client"]["cpu_per_proc"])
         per_call = r["client"]["cpu_us_per_call"]
         server = r["server"]
         lines.append(
-            f"| {r['procs']} | {r['rps']:.0f} | {lat['p50']:.2f} | {lat['p99']:.2f} | {cpu} "
-            f"| {per_call:.0f} us | {1e6 / per_call:.0f} | {server['cpu_cores']:.2f} cores "
-            f"| {server['cpu_us_per_call']:.0f} us |"
+            f"| {name} | {r['procs']} | {r['rps']:.0f} | {lat['p50']:.2f} | {lat['p99']:.2f} "
+            f"| {cpu} | {per_call:.0f} us | {1e6 / per_call:.0f} "
+            f"| {server['cpu_cores']:.2f} cores | {server['cpu_us_per_call']:.0f} us |"
         )
     lines += ["", "Calls/s per client core (1 / client CPU per call) is what one generator "
-              "process sustains when it has a core to itself; compare it with a server's CPU "
-              "per call to see which side a run can saturate first."]
+              "process sustains with a core to itself; a server whose CPU per call is higher "
+              "saturates its core before the generator does."]
     lines += ["", "Command: `python bench/load_generator.py --duration "
-              f"{duration} --concurrency {concurrency}`"]
-    for r in rows:
-        lines.append(f"\n--procs {r['procs']}: {verdict(r)}")
+              f"{duration} --concurrency {concurrency}`", ""]
+    lines += [f"- {name}, --procs {r['procs']}: {verdict(r)}" for name, r in rows]
+    lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
+
+
+class Server:
+    """A server process on a free loopback port, stopped by PID."""
+
+    def __init__(self, name: str, argv: list[str]) -> None:
+        self.name = name
+        self.address = f"127.0.0.1:{free_port()}"
+        self.proc = subprocess.Popen([*argv, "--listen", self.address],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,27 +154,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", default="5s", help="measured time per run (default 5s)")
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight in all")
     parser.add_argument("--quick", action="store_true", help="2 s runs")
+    parser.add_argument("--no-sidecar", action="store_true",
+                        help="only the echo server, not also stealguard-sidecar")
     args = parser.parse_args(argv)
-    duration = "2s" if args.quick else args.duration
+    duration = "2s" if args.quick or os.environ.get("STEALGUARD_BENCH_QUICK") else args.duration
 
-    address = f"127.0.0.1:{free_port()}"
-    server = subprocess.Popen([sys.executable, str(HERE / "echo_server.py"), "--listen", address],
-                              stdout=subprocess.DEVNULL)
+    servers = [Server("echo", [sys.executable, str(HERE / "echo_server.py")])]
+    notes = []
+    sidecar = shutil.which("stealguard-sidecar", path=os.path.dirname(sys.executable))
+    if args.no_sidecar:
+        pass
+    elif sidecar:
+        servers.append(Server("sidecar", [sidecar]))  # default policy: Reverse Sigmoid
+    else:
+        notes.append("stealguard-sidecar is not installed: sidecar rows skipped.")
+    rows = []
     try:
-        wait_serving(address, server)
-        rows = [measure(address, server.pid, procs, args.concurrency, duration)
-                for procs in (1, 2)]
+        for server in servers:
+            wait_serving(server.address, server.proc, timeout=300)
+            rows += [(server.name, measure(server.address, server.proc.pid, procs,
+                                           args.concurrency, duration)) for procs in (1, 2)]
     finally:
-        server.terminate()
-        server.wait(10)
-    print(markdown(rows, duration, args.concurrency), end="")
+        for server in servers:
+            server.stop()
+    print(markdown(rows, duration, args.concurrency, notes), end="")
     out = os.environ.get("STEALGUARD_BENCH_JSON")
     if out:
-        headline = {f"stealguard-load max calls/s vs echo, --procs {r['procs']}": round(r["rps"])
-                    for r in rows}
+        headline = {f"stealguard-load max calls/s vs {name}, --procs {r['procs']}": round(r["rps"])
+                    for name, r in rows}
         headline["stealguard-load client CPU per call (us), --procs 1"] = round(
-            rows[0]["client"]["cpu_us_per_call"])
-        Path(out).write_text(json.dumps({"headline": headline, "runs": rows}, indent=2))
+            rows[0][1]["client"]["cpu_us_per_call"])
+        runs = [{"server": name, **r} for name, r in rows]
+        Path(out).write_text(json.dumps({"headline": headline, "runs": runs}, indent=2))
     return 0
 
 
