@@ -46,7 +46,7 @@ def proxy(upstream, tmp_path_factory):
     config.write_text(CONFIG)
     process, address = start_proxy("torchserve", upstream["address"], str(config))
     yield address
-    process.stop()
+    assert process.stop() == 0, process.output()  # drains and exits cleanly on SIGTERM
 
 
 def stub(address):

@@ -38,7 +38,7 @@ def proxy(upstream, tmp_path_factory):
     config.write_text(CONFIG)
     process, address = start_proxy("v2", upstream["address"], str(config))
     yield address
-    process.stop()
+    assert process.stop() == 0, process.output()  # drains and exits cleanly on SIGTERM
 
 
 def stub(address):

@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+from collections.abc import Callable
 
-from stealguard.server.config import Config
+from stealguard.server import metrics
+from stealguard.server.config import Config, ConfigError
 from stealguard.server.defenses import warm_up
 from stealguard.server.proxy.errors import UpstreamError
 from stealguard.server.proxy.options import ProxyPolicies
@@ -25,14 +28,17 @@ log = logging.getLogger("stealguard.proxy")
 PROTOCOLS = {"torchserve": TorchServeProxy, "v2": V2Proxy}
 
 
-async def run_proxy(config: Config, *, reuse_port: bool = False,
-                    health_interval: float = 1.0) -> None:
-    """Serve `config.protocol` on `config.listen` in front of `config.upstream` until a signal."""
+async def run_proxy(config: Config, *, reuse_port: bool = False, health_interval: float = 1.0,
+                    reload: Callable[[], Config] | None = None) -> None:
+    """Serve `config.protocol` on `config.listen` in front of `config.upstream` until a signal.
+
+    TLS, tokens, limits and metrics are the sidecar's (`GrpcApp.from_config`). SIGHUP calls
+    `reload` and swaps in the new policies between calls; a bad config keeps the old ones.
+    """
     policies = ProxyPolicies.from_config(config.policies, config.secret_bytes())
     upstream = Upstream(config.upstream, max_message_bytes=config.max_message_bytes)
     proxy = PROTOCOLS[config.protocol](upstream, policies)
-    app = GrpcApp(config.listen, [proxy.service],
-                  max_message_bytes=config.max_message_bytes, reuse_port=reuse_port)
+    app = GrpcApp.from_config(config, [proxy.service], reuse_port=reuse_port)
     proxy.add_to(app.server)
     watcher: asyncio.Task | None = None
 
@@ -41,15 +47,28 @@ async def run_proxy(config: Config, *, reuse_port: bool = False,
         if watcher is not None:
             watcher.cancel()
 
+    def swap_policies() -> None:
+        try:
+            proxy.policies = ProxyPolicies.from_config(reload().policies, config.secret_bytes())
+        except (ConfigError, OSError) as error:
+            log.error("SIGHUP: new config rejected, old policies stay: %s", error)
+            return
+        log.info("SIGHUP: policies reloaded: %s", _names(proxy.policies))
+
     app.on_drain.append(refuse)
     port = await app.start()
+    if reload is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, swap_policies)
+    if config.metrics_port > 0:
+        metrics.serve(config.metrics_port)
+        log.info("metrics on :%d/metrics", config.metrics_port)
     host = config.listen.rsplit(":", 1)[0]
-    log.info("proxy (%s) listening on %s:%d (pid %d) for upstream %s, policies: %s",
-             config.protocol, host, port, os.getpid(), config.upstream,
-             ", ".join(f"{p.name}={p.policy.defense_name}" for p in policies))
-    seconds = await asyncio.get_running_loop().run_in_executor(None, warm_up)
-    log.info("kernels warm in %.2fs", seconds)
-    if proxy.not_serving is None or "draining" not in proxy.not_serving:
+    log.info("proxy (%s) listening on %s:%d (pid %d)%s for upstream %s, policies: %s",
+             config.protocol, host, port, os.getpid(), " with TLS" if app.credentials else "",
+             config.upstream, _names(policies))
+    seconds = await app.unless_stopped(warm_up)
+    if seconds is not None:  # None: a stop signal came during the warm-up
+        log.info("kernels warm in %.2fs", seconds)
         proxy.not_serving = None
         watcher = asyncio.create_task(watch_upstream(app, proxy, health_interval))
     try:
@@ -58,6 +77,10 @@ async def run_proxy(config: Config, *, reuse_port: bool = False,
         if watcher is not None:
             watcher.cancel()
         await upstream.close()
+
+
+def _names(policies: ProxyPolicies) -> str:
+    return ", ".join(f"{p.name}={p.policy.defense_name}" for p in policies)
 
 
 async def watch_upstream(app: GrpcApp, proxy, interval: float) -> None:

@@ -10,6 +10,7 @@ import argparse
 import re
 import sys
 
+from stealguard.server.cli import add_server_flags, configure_logging
 from stealguard.server.config import ConfigError, load_config
 
 PROTOCOL_NAMES = ("torchserve", "v2")
@@ -45,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, help="processes serving one port (default 1)")
     parser.add_argument("--health-interval", type=_positive_seconds, default=1.0,
                         help="seconds between polls of the upstream's readiness (default 1)")
+    parser.add_argument("--metrics-port", type=int, dest="metrics_port",
+                        help="Prometheus metrics port (0 disables; default 0)")
     parser.add_argument("--log-level", dest="log_level",
                         choices=["debug", "info", "warning", "error"], help="default info")
+    add_server_flags(parser)
     return parser
 
 
@@ -66,16 +70,25 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOL_NAMES)}, got "
                               f"{config.protocol!r}")
         config.ensure_secret()
+        configure_logging(config.log_level, config.json_logs)
         # Imported here: numba and grpc load only once the arguments are known to be good.
-        from stealguard.server.cli import configure_logging
         from stealguard.server.proxy.app import run_proxy
         from stealguard.server.proxy.options import ProxyPolicies
+        from stealguard.server.security import Tokens, server_credentials
         from stealguard.server.server import serve_workers
 
-        configure_logging(config.log_level)
-        ProxyPolicies.from_config(config.policies, config.secret_bytes())  # fail before forking
+        # fail before forking: policies, certificates and tokens must all be readable
+        ProxyPolicies.from_config(config.policies, config.secret_bytes())
+        server_credentials(config)
+        if config.token_file:
+            Tokens.from_file(config.token_file)
+
+        def reload():
+            """The same sources again (file, environment, flags) for SIGHUP."""
+            return load_config(args.config, overrides=flags)
+
         return serve_workers(config, lambda c, reuse: run_proxy(
-            c, reuse_port=reuse, health_interval=args.health_interval))
+            c, reuse_port=reuse, health_interval=args.health_interval, reload=reload))
     except (ConfigError, OSError) as error:
         parser.exit(2, f"stealguard-sidecar proxy: error: {error}\n")
     except KeyboardInterrupt:

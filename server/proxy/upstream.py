@@ -45,7 +45,7 @@ class Upstream:
 
     def _options(self, context: grpc.aio.ServicerContext) -> dict[str, Any]:
         return {
-            "metadata": forwardable(context.invocation_metadata()),
+            "metadata": forwardable(context.invocation_metadata()) or None,
             "timeout": context.time_remaining(),
         }
 
