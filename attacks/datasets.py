@@ -45,8 +45,10 @@ class Dataset:
 
     @property
     def flip(self) -> bool:
-        """Whether horizontal-flip augmentation is sensible (the paper: not on MNIST)."""
-        return self.is_image and self.name != "mnist"
+        """Whether horizontal-flip augmentation is sensible. The paper flips except on
+        MNIST, because a mirrored digit is not the same digit; the same holds for sklearn
+        digits, so neither digit dataset is flipped (no dataset here is a natural-image one)."""
+        return self.is_image and self.name not in ("mnist", "digits")
 
     @property
     def input_range(self) -> tuple[np.ndarray, np.ndarray]:

@@ -124,8 +124,11 @@ def render(results: dict) -> str:
 
     lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for t in meta["targets"]:
-        met = {True: "yes", False: f"**no** (short by {t['gap']:.2f})", None: "undetermined"}
-        lines.append(f"| {t['target']} | {t['measured']} | {met[t['met']]} |")
+        if t["met"] is None:
+            met = "undetermined"
+        else:
+            met = "yes" if t["met"] else f"**no** (short by {t['gap']:.2f})"
+        lines.append(f"| {t['target']} | {t['measured']} | {met} |")
     lines.append("")
 
     lines += ["## Calibration (Sec. IV-B's rule)", "",
