@@ -144,6 +144,10 @@ def test_errors_are_counted_by_status_code(sidecar, tmp_path):
     doc = load_json("--target", sidecar, "--model", "nope", "--total", "25")
     assert doc["errors"] == {"NOT_FOUND": 25} and doc["ok"] == 0
     assert doc["latency_ms"] is None and "no call succeeded" in " ".join(doc["warnings"])
+    # On a stream the error ends the stream; the next message reopens it and fails again.
+    doc = load_json("--target", sidecar, "--model", "nope", "--total", "12", "--method",
+                    "perturb-stream", "--concurrency", "2")
+    assert doc["errors"] == {"NOT_FOUND": 12}
     rows = tmp_path / "bad.npy"
     np.save(rows, np.full((4, 3), 0.5, dtype=np.float32))  # rows sum to 1.5
     doc = load_json("--target", sidecar, "--model", "mnist", "--total", "10", "--payload",

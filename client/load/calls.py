@@ -161,8 +161,8 @@ class StreamCaller:
         except grpc.aio.AioRpcError as exc:
             self._drop()
             return exc.code().name
-        if reply is grpc.aio.EOF:
-            self._drop()
+        if reply is grpc.aio.EOF:  # the server ended the stream: its status says why
+            self._stream = None
             code = await stream.code()
             return "STREAM_ENDED" if code == grpc.StatusCode.OK else code.name
         return OK
