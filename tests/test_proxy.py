@@ -134,6 +134,14 @@ def test_unrecognized_answer_is_rejected_by_default(proxy):
     assert "on_unrecognized: reject" in error.value.details()
 
 
+def test_stream_ends_with_the_error_at_the_first_unrecognized_message(proxy):
+    replies = stub(proxy).StreamPredictions(request("digits-label", SAMPLES[:2]), timeout=10)
+    with pytest.raises(grpc.RpcError) as error:
+        list(replies)
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.value.details().startswith("stream message 0: model 'digits-label'")
+
+
 def test_unrecognized_answer_is_unchanged_with_pass(upstream, proxy):
     raw = predict(upstream["address"], "digits-label-pass", SAMPLES[3])
     assert json.loads(raw) == {"label": 3}
