@@ -7,6 +7,7 @@ Each holds one channel for its lifetime and puts a deadline on every call. Error
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,20 @@ from stealguard.server.codec import array_to_tensor, tensor_to_array
 from stealguard.v1 import defense_pb2, defense_pb2_grpc
 
 _MAX_MESSAGE = 64 * 1024 * 1024
+# A sidecar that is warming up or draining answers UNAVAILABLE: try another connection
+# (another worker or replica) within the call's deadline before giving up.
+_SERVICE_CONFIG = json.dumps({
+    "methodConfig": [{
+        "name": [{"service": "stealguard.v1.Defense"}],
+        "retryPolicy": {
+            "maxAttempts": 3,
+            "initialBackoff": "0.01s",
+            "maxBackoff": "0.1s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }]
+})
 
 
 class SidecarError(RuntimeError):
@@ -43,6 +58,7 @@ def _channel_args(options: list[tuple[str, Any]] | None) -> list[tuple[str, Any]
     return [
         ("grpc.max_receive_message_length", _MAX_MESSAGE),
         ("grpc.max_send_message_length", _MAX_MESSAGE),
+        ("grpc.service_config", _SERVICE_CONFIG),
         *(options or []),
     ]
 

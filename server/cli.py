@@ -7,6 +7,7 @@ flags; flags win. A mistake in any of them is one line naming the flag or key, e
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -32,15 +33,53 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most rows in one request (default 65536)")
     parser.add_argument("--log-level", dest="log_level",
                         choices=["debug", "info", "warning", "error"], help="default info")
+    add_server_flags(parser)
     return parser
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
+    """Security, limit and logging flags shared by the sidecar and the proxy."""
+    group = parser.add_argument_group("security and limits")
+    group.add_argument("--tls-cert", dest="tls_cert", help="server certificate (PEM) for TLS")
+    group.add_argument("--tls-key", dest="tls_key", help="server private key (PEM) for TLS")
+    group.add_argument("--tls-ca", dest="tls_ca",
+                       help="CA (PEM) whose client certificates are required: mutual TLS")
+    group.add_argument("--token-file", dest="token_file",
+                       help="accepted bearer tokens, one 'name:token' per line")
+    group.add_argument("--max-in-flight", type=int, dest="max_in_flight",
+                       help="concurrent calls before RESOURCE_EXHAUSTED (default 1024)")
+    group.add_argument("--max-message-bytes", type=int, dest="max_message_bytes",
+                       help="largest request in bytes (default 67108864)")
+    group.add_argument("--grace", type=float,
+                       help="seconds calls in flight get to finish after SIGTERM (default 10)")
+    group.add_argument("--rate-limit", type=float, dest="rate_limit",
+                       help="requests per second per client (default 0: no limit)")
+    group.add_argument("--rate-burst", type=int, dest="rate_burst",
+                       help="burst of the per-client rate limit (default: the rate)")
+    group.add_argument("--client-header", dest="client_header",
+                       help="metadata key naming the client when no token or mTLS "
+                       "identifies it (default x-client-id)")
+    group.add_argument("--json-logs", dest="json_logs", action="store_const", const=True,
+                       help="one JSON object per log line")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname,
+                 "logger": record.name, "pid": record.process, "message": record.getMessage()}
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, json_logs: bool = False) -> None:
+    """Log to stderr at `level`, as text or one JSON object per line."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _JsonFormatter() if json_logs
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     )
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,13 +95,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides=flags)
         config.ensure_secret()
-        configure_logging(config.log_level)
+        configure_logging(config.log_level, config.json_logs)
         # Imported here: numba and grpc load only once the arguments are known to be good.
         from stealguard.server.policies import PolicySet
+        from stealguard.server.security import Tokens, server_credentials
         from stealguard.server.server import run_sidecar, serve_workers
 
-        PolicySet.from_config(config.policies, config.secret_bytes())  # fail before forking
-        return serve_workers(config, lambda c, reuse: run_sidecar(c, reuse_port=reuse))
+        # fail before forking: policies, certificates and tokens must all be readable
+        PolicySet.from_config(config.policies, config.secret_bytes())
+        server_credentials(config)
+        if config.token_file:
+            Tokens.from_file(config.token_file)
+
+        def reload():
+            """The same sources again (file, environment, flags) for SIGHUP."""
+            return load_config(args.config, overrides=flags)
+
+        return serve_workers(
+            config, lambda c, reuse: run_sidecar(c, reuse_port=reuse, reload=reload)
+        )
     except (ConfigError, OSError) as error:
         parser.exit(2, f"stealguard-sidecar: error: {error}\n")
     except KeyboardInterrupt:

@@ -22,6 +22,10 @@ class CodecError(ValueError):
     """A `Tensor` message that cannot be read as a probability array."""
 
 
+class RowLimitError(CodecError):
+    """More rows than the server accepts in one request (RESOURCE_EXHAUSTED, not invalid)."""
+
+
 def tensor_to_array(tensor: defense_pb2.Tensor, *, max_rows: int | None = None) -> np.ndarray:
     """Decode `tensor` into a 1-D or 2-D float32/float64 array without copying.
 
@@ -44,7 +48,8 @@ def tensor_to_array(tensor: defense_pb2.Tensor, *, max_rows: int | None = None) 
     if shape[-1] == 0 and rows > 0:
         raise CodecError(f"probabilities.shape {list(shape)} has no classes: need at least 1")
     if max_rows is not None and rows > max_rows:
-        raise CodecError(f"probabilities has {rows} rows: at most {max_rows} per request")
+        raise RowLimitError(f"probabilities has {rows} rows: at most {max_rows} per request; "
+                            "split the batch")
     expected = math.prod(shape) * dtype.itemsize
     if len(tensor.data) != expected:
         raise CodecError(

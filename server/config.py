@@ -38,8 +38,26 @@ class Config:
     # by all workers), so answers to a repeated query change only across restarts.
     secret: str = ""
     metrics_port: int = 0
+    json_logs: bool = False
+    # Limits: a message above max_message_bytes, more than max_rows rows, or a call beyond
+    # max_in_flight concurrent calls is refused at once with RESOURCE_EXHAUSTED.
     max_message_bytes: int = 64 * 1024 * 1024
     max_rows: int = 65536
+    max_in_flight: int = 1024
+    # Seconds that calls in flight get to finish after SIGTERM.
+    grace: float = 10.0
+    # Security: TLS (cert + key), mutual TLS (+ ca: clients must present a cert it signed),
+    # bearer tokens (one `name:token` or `token` per line; compared in constant time).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    token_file: str = ""
+    # Per-client accounting: the client is the token's name, else the mTLS subject, else
+    # this metadata key's value, else "anonymous". rate_limit > 0 gives each client a token
+    # bucket of that many requests per second (burst rate_burst, default = rate_limit).
+    client_header: str = "x-client-id"
+    rate_limit: float = 0.0
+    rate_burst: int = 0
     # Proxy mode only (`stealguard-sidecar proxy`): the real model server and its API.
     upstream: str = ""
     protocol: str = "torchserve"
@@ -57,8 +75,12 @@ class Config:
             self.secret = secrets.token_hex(32)
 
 
-_INT_KEYS = {"workers", "metrics_port", "max_message_bytes", "max_rows"}
-_STR_KEYS = {"listen", "log_level", "secret", "upstream", "protocol"}
+_INT_KEYS = {"workers", "metrics_port", "max_message_bytes", "max_rows", "max_in_flight",
+             "rate_burst"}
+_FLOAT_KEYS = {"grace", "rate_limit"}
+_BOOL_KEYS = {"json_logs"}
+_STR_KEYS = {"listen", "log_level", "secret", "upstream", "protocol", "tls_cert", "tls_key",
+             "tls_ca", "token_file", "client_header"}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 # Keys of the default policy that flags and environment may set.
 _POLICY_OVERRIDES = ("defense", "beta", "gamma")
@@ -85,7 +107,7 @@ def load_config(
     if path:
         _apply(config, _read_yaml(path), source=str(path))
     from_env = {}
-    for key in (*_INT_KEYS, *_STR_KEYS, *_POLICY_OVERRIDES):
+    for key in (*_INT_KEYS, *_FLOAT_KEYS, *_BOOL_KEYS, *_STR_KEYS, *_POLICY_OVERRIDES):
         value = env.get("STEALGUARD_" + key.upper())
         if value not in (None, ""):
             from_env[key] = value
@@ -95,6 +117,10 @@ def load_config(
         {k: v for k, v in (overrides or {}).items() if v is not None},
         source="command line",
     )
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("tls_cert and tls_key go together (--tls-cert, --tls-key)")
+    if config.tls_ca and not config.tls_cert:
+        raise ConfigError("tls_ca (mutual TLS) needs tls_cert and tls_key too")
     return config
 
 
@@ -115,12 +141,17 @@ def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _apply(config: Config, values: Mapping[str, Any], *, source: str) -> None:
-    known = _INT_KEYS | _STR_KEYS | {"policies"} | set(_POLICY_OVERRIDES)
+    known = _INT_KEYS | _FLOAT_KEYS | _BOOL_KEYS | _STR_KEYS | {"policies"}
+    known |= set(_POLICY_OVERRIDES)
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"{source}: unknown key {key!r}; known keys: {sorted(known)}")
         if key in _INT_KEYS:
             setattr(config, key, _as_int(value, key, source))
+        elif key in _FLOAT_KEYS:
+            setattr(config, key, _as_number(value, key, source))
+        elif key in _BOOL_KEYS:
+            setattr(config, key, _as_bool(value, key, source))
         elif key in _STR_KEYS:
             if not isinstance(value, str):
                 raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
@@ -132,8 +163,13 @@ def _apply(config: Config, values: Mapping[str, Any], *, source: str) -> None:
             f"{source}: log_level must be one of {_LOG_LEVELS}, got {config.log_level!r}"
         )
     config.log_level = config.log_level.lower()
-    if config.workers < 1:
-        raise ConfigError(f"{source}: workers must be at least 1, got {config.workers}")
+    for key in ("workers", "max_rows", "max_in_flight", "max_message_bytes"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{source}: {key} must be at least 1, got {getattr(config, key)}")
+    for key in ("grace", "rate_limit", "rate_burst"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{source}: {key} must be 0 or more, got {getattr(config, key)}")
+
     overrides = {k: values[k] for k in _POLICY_OVERRIDES if k in values}
     if overrides:
         default = copy.deepcopy(config.policies.get("default", {}))
@@ -151,6 +187,17 @@ def _as_int(value: Any, key: str, source: str) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{source}: {key} must be an integer, got {value!r}") from None
+
+
+def _as_bool(value: Any, key: str, source: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
 
 
 def _as_number(value: Any, key: str, source: str) -> float:

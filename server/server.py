@@ -21,9 +21,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from stealguard.server.config import Config
+from stealguard.server import metrics
+from stealguard.server.config import Config, ConfigError
 from stealguard.server.defenses import warm_up
+from stealguard.server.interceptors import GuardInterceptor, RateLimiter
 from stealguard.server.policies import PolicySet
+from stealguard.server.security import Tokens, server_credentials
 from stealguard.server.servicer import DefenseServicer
 from stealguard.v1 import defense_pb2, defense_pb2_grpc
 
@@ -36,16 +39,23 @@ class GrpcApp:
     """A grpc.aio server with health, reflection, signal handling and graceful drain."""
 
     def __init__(self, listen: str, services: Iterable[str], *, max_message_bytes: int,
-                 reuse_port: bool = False, grace: float = 5.0):
+                 reuse_port: bool = False, grace: float = 5.0,
+                 credentials: grpc.ServerCredentials | None = None,
+                 interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+                 max_in_flight: int | None = None):
         self.listen = listen
         self.services = list(services)
         self.grace = grace
+        self.credentials = credentials
         self.server = grpc.aio.server(
+            interceptors=list(interceptors) or None,
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
-            ]
+            ],
+            # beyond this many concurrent calls gRPC answers RESOURCE_EXHAUSTED at once
+            maximum_concurrent_rpcs=max_in_flight,
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -54,6 +64,22 @@ class GrpcApp:
         )
         self._stop = asyncio.Event()
         self.on_drain: list[Callable[[], None]] = []
+
+    @classmethod
+    def from_config(cls, config: Config, services: Iterable[str], *,
+                    reuse_port: bool = False) -> GrpcApp:
+        """A server with the limits, TLS, tokens, rate limit and metrics of `config`."""
+        tokens = Tokens.from_file(config.token_file) if config.token_file else None
+        limiter = RateLimiter(config.rate_limit, config.rate_burst) if config.rate_limit else None
+        with_metrics = config.metrics_port > 0
+        guard = []
+        if tokens or limiter or with_metrics or config.tls_ca:
+            guard.append(GuardInterceptor(tokens=tokens, client_header=config.client_header,
+                                          limiter=limiter, with_metrics=with_metrics))
+        return cls(config.listen, services, max_message_bytes=config.max_message_bytes,
+                   reuse_port=reuse_port, grace=config.grace,
+                   credentials=server_credentials(config), interceptors=guard,
+                   max_in_flight=config.max_in_flight)
 
     async def set_serving(self, serving: bool) -> None:
         """Report SERVING or NOT_SERVING for the whole server and each service."""
@@ -69,7 +95,10 @@ class GrpcApp:
         """Bind and start, NOT_SERVING until `set_serving(True)`. Returns the bound port."""
         await self.set_serving(False)
         try:
-            port = self.server.add_insecure_port(self.listen)
+            if self.credentials is not None:
+                port = self.server.add_secure_port(self.listen, self.credentials)
+            else:
+                port = self.server.add_insecure_port(self.listen)
         except RuntimeError:
             port = 0
         if port == 0:
@@ -118,21 +147,43 @@ class GrpcApp:
         self._stop.set()
 
 
-async def run_sidecar(config: Config, *, reuse_port: bool = False) -> None:
-    """Run the Defense service until a stop signal; NOT_SERVING until kernels are warm."""
+async def run_sidecar(config: Config, *, reuse_port: bool = False,
+                      reload: Callable[[], Config] | None = None) -> None:
+    """Run the Defense service until a stop signal; NOT_SERVING until kernels are warm.
+
+    SIGHUP calls `reload` for a new config and swaps in its policies between calls; a bad
+    new config is logged and the old policies stay.
+    """
     policies = PolicySet.from_config(config.policies, config.secret_bytes())
-    servicer = DefenseServicer(policies, max_rows=config.max_rows)
-    app = GrpcApp(config.listen, [DEFENSE_SERVICE],
-                  max_message_bytes=config.max_message_bytes, reuse_port=reuse_port)
+    servicer = DefenseServicer(policies, max_rows=config.max_rows,
+                               with_metrics=config.metrics_port > 0)
+    app = GrpcApp.from_config(config, [DEFENSE_SERVICE], reuse_port=reuse_port)
     defense_pb2_grpc.add_DefenseServicer_to_server(servicer, app.server)
 
     def refuse() -> None:
         servicer.not_serving = "the sidecar is draining; retry on another instance"
+        log.info("draining: %d calls in flight", servicer.in_flight)
+
+    def swap_policies() -> None:
+        try:
+            fresh = reload()
+            servicer.policies = PolicySet.from_config(fresh.policies, config.secret_bytes())
+        except (ConfigError, OSError) as error:
+            log.error("SIGHUP: new config rejected, old policies stay: %s", error)
+            return
+        log.info("SIGHUP: policies reloaded: %s",
+                 ", ".join(f"{p.name}={p.defense_name}" for p in servicer.policies))
 
     app.on_drain.append(refuse)
     port = await app.start()
+    if reload is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, swap_policies)
+    if config.metrics_port > 0:
+        metrics.serve(config.metrics_port)
+        log.info("metrics on :%d/metrics", config.metrics_port)
     host = config.listen.rsplit(":", 1)[0]
-    log.info("listening on %s:%d (pid %d), policies: %s", host, port, os.getpid(),
+    log.info("listening on %s:%d (pid %d)%s, policies: %s", host, port, os.getpid(),
+             " with TLS" if app.credentials else "",
              ", ".join(f"{p.name}={p.defense_name}" for p in policies))
     seconds = await app.unless_stopped(warm_up)
     if seconds is not None:
@@ -140,6 +191,11 @@ async def run_sidecar(config: Config, *, reuse_port: bool = False) -> None:
         await app.set_serving(True)
         log.info("ready: kernels warm in %.2fs", seconds)
     await app.wait_and_drain()
+    if servicer.in_flight:
+        log.warning("%d calls were still running when the grace period ended",
+                    servicer.in_flight)
+    else:
+        log.info("drained: every call in flight finished")
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
@@ -174,10 +230,12 @@ def serve_workers(config: Config,
     if config.listen.endswith(":0"):
         raise OSError("--workers > 1 needs a fixed port: port 0 would give each worker its own")
     children = []
-    for _ in range(config.workers):
+    for index in range(config.workers):
         pid = os.fork()
         if pid == 0:  # worker
             _die_with_parent()
+            if config.metrics_port > 0:
+                config.metrics_port += index  # one metrics endpoint per worker
             code = 0
             try:
                 asyncio.run(run(config, True))
@@ -197,8 +255,8 @@ def serve_workers(config: Config,
             except ProcessLookupError:
                 pass
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
     log.info("started %d workers: %s", len(children), " ".join(map(str, children)))
     worst = 0
     remaining = set(children)

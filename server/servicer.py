@@ -10,7 +10,9 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from stealguard.server.codec import CodecError, array_to_tensor, tensor_to_array
+from stealguard.server import metrics
+from stealguard.server.codec import CodecError, RowLimitError, array_to_tensor, tensor_to_array
+from stealguard.server.interceptors import CLIENT
 from stealguard.server.policies import PolicySet, UnknownModel
 from stealguard.v1 import defense_pb2, defense_pb2_grpc
 
@@ -25,6 +27,8 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and message a caller gets for `error`."""
     if isinstance(error, NotServing):
         return grpc.StatusCode.UNAVAILABLE, str(error)
+    if isinstance(error, RowLimitError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
     if isinstance(error, UnknownModel):
         return grpc.StatusCode.NOT_FOUND, str(error)
     if isinstance(error, (CodecError, ValueError)):
@@ -36,9 +40,12 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
 class DefenseServicer(defense_pb2_grpc.DefenseServicer):
     """Serves Perturb, PerturbStream and ListPolicies from a swappable `PolicySet`."""
 
-    def __init__(self, policies: PolicySet, *, max_rows: int | None = None):
+    def __init__(self, policies: PolicySet, *, max_rows: int | None = None,
+                 with_metrics: bool = False):
         self.policies = policies  # replaced whole on reload; read once per request
         self.max_rows = max_rows
+        self.with_metrics = with_metrics
+        self.in_flight = 0  # handlers running now (what a drain waits for)
         self.not_serving: str | None = "the sidecar is warming up its kernels; retry shortly"
 
     def perturb(self, request: defense_pb2.PerturbRequest) -> defense_pb2.PerturbResponse:
@@ -48,28 +55,52 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
         policy = self.policies.resolve(request.model)
         probabilities = tensor_to_array(request.probabilities, max_rows=self.max_rows)
         protected = policy.apply(probabilities, logits=request.logits)
+        if self.with_metrics:
+            metrics.observe_rows(policy.name, CLIENT.get(), probabilities, protected,
+                                 logits=request.logits)
         return defense_pb2.PerturbResponse(
             probabilities=array_to_tensor(protected),
             policy=policy.name,
             request_id=request.request_id,
         )
 
+    def _count(self, method: str, policy: str, code: grpc.StatusCode) -> None:
+        if self.with_metrics:
+            metrics.REQUESTS.labels(method, policy, code.name).inc()
+
     async def Perturb(self, request, context):
+        self.in_flight += 1
         try:
-            return self.perturb(request)
+            response = self.perturb(request)
         except Exception as error:  # noqa: BLE001 - every error becomes a status
-            await context.abort(*status_of(error))
+            code, message = status_of(error)
+            self._count("Perturb", "-", code)
+            await context.abort(code, message)
+        finally:
+            self.in_flight -= 1
+        self._count("Perturb", response.policy, grpc.StatusCode.OK)
+        return response
 
     async def PerturbStream(
         self, request_iterator, context
     ) -> AsyncIterator[defense_pb2.PerturbResponse]:
+        self.in_flight += 1
+        try:
+            async for response in self._stream(request_iterator, context):
+                yield response
+        finally:
+            self.in_flight -= 1
+
+    async def _stream(self, request_iterator, context):
         index = 0
         async for request in request_iterator:
             try:
                 response = self.perturb(request)
             except Exception as error:  # noqa: BLE001
                 code, message = status_of(error)
+                self._count("PerturbStream", "-", code)
                 await context.abort(code, f"stream message {index}: {message}")
+            self._count("PerturbStream", response.policy, grpc.StatusCode.OK)
             yield response
             index += 1
 

@@ -61,7 +61,8 @@ class Process:
         self.pid = self.popen.pid
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def wait_healthy(self, address: str, timeout: float = 180.0, service: str = "") -> None:

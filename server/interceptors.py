@@ -1,0 +1,155 @@
+"""The guard in front of every RPC but health and reflection: who is calling, may they,
+and what did it cost.
+
+Installed only when something needs it (tokens, mTLS, a rate limit or metrics), so a
+plain sidecar pays nothing for it. The concurrency limit is gRPC's own
+(`maximum_concurrent_rpcs`), which refuses at once with RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import time
+from collections import OrderedDict
+
+import grpc
+from stealguard.server import metrics
+from stealguard.server.security import Tokens
+
+ANONYMOUS = "anonymous"
+# The calling client's name, for the servicer's per-client row counts.
+CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("stealguard_client",
+                                                             default=ANONYMOUS)
+_EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+async def _settled(result):
+    """`result`, awaited if the handler was a coroutine function."""
+    return await result if inspect.isawaitable(result) else result
+
+
+class RateLimiter:
+    """A token bucket per client: `rate` calls per second, bursts up to `burst`."""
+
+    def __init__(self, rate: float, burst: int, max_clients: int = 100_000):
+        self.rate = rate
+        self.burst = float(burst or max(1.0, rate))
+        self.max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def allow(self, client: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.pop(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        allowed = tokens >= 1.0
+        self._buckets[client] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._buckets) > self.max_clients:  # forget the longest-idle client
+            self._buckets.popitem(last=False)
+        return allowed
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates, identifies and rate-limits callers; counts calls per client."""
+
+    def __init__(self, *, tokens: Tokens | None, client_header: str,
+                 limiter: RateLimiter | None, with_metrics: bool):
+        self.tokens = tokens
+        self.client_header = client_header.lower()
+        self.limiter = limiter
+        self.with_metrics = with_metrics
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(_EXEMPT):
+            return handler
+        metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ())}
+        return self._wrap(handler, handler_call_details.method, metadata)
+
+    async def _admit(self, context, metadata: dict) -> str:
+        """The client's name; aborts the call when it is not authenticated or over its limit."""
+        client = None
+        if self.tokens is not None:
+            client = self.tokens.client_of(metadata.get("authorization"))
+            if client is None:
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "missing or wrong bearer token: send metadata "
+                    "'authorization: Bearer <token>' with a token from the server's token file",
+                )
+        if client is None:
+            subject = context.auth_context().get("x509_common_name")
+            if subject:
+                client = subject[0].decode(errors="replace")
+        if client is None:
+            client = str(metadata.get(self.client_header) or ANONYMOUS)[:128]
+        if self.limiter is not None and not self.limiter.allow(client):
+            if self.with_metrics:
+                metrics.RATE_LIMITED.labels(client).inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"client {client!r} is over its rate limit of {self.limiter.rate:g} "
+                "requests/s; slow down and retry",
+            )
+        if self.with_metrics:
+            metrics.CLIENT_QUERIES.labels(client).inc()
+        return client
+
+    def _wrap(self, handler, method: str, metadata: dict):
+        guard = self
+        name = method.rsplit("/", 1)[-1]
+
+        async def enter(context):
+            client = await guard._admit(context, metadata)
+            if guard.with_metrics:
+                metrics.IN_FLIGHT.inc()
+            return CLIENT.set(client), time.perf_counter()
+
+        def leave(state):
+            token, start = state
+            CLIENT.reset(token)
+            if guard.with_metrics:
+                metrics.IN_FLIGHT.dec()
+                metrics.LATENCY.labels(name).observe(time.perf_counter() - start)
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                state = await enter(context)
+                try:
+                    return await _settled(inner(request, context))
+                finally:
+                    leave(state)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            inner = handler.stream_unary
+
+            async def stream_unary(requests, context):
+                state = await enter(context)
+                try:
+                    return await _settled(inner(requests, context))
+                finally:
+                    leave(state)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, handler.request_deserializer, handler.response_serializer)
+        inner = handler.unary_stream or handler.stream_stream
+        factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
+                   else grpc.stream_stream_rpc_method_handler)
+
+        async def streaming(request_or_iterator, context):
+            state = await enter(context)
+            try:
+                replies = inner(request_or_iterator, context)
+                if hasattr(replies, "__aiter__"):
+                    async for reply in replies:
+                        yield reply
+                else:  # a handler that writes with context.write() and returns
+                    await _settled(replies)
+            finally:
+                leave(state)
+
+        return factory(streaming, handler.request_deserializer, handler.response_serializer)
