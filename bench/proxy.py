@@ -11,8 +11,9 @@ probabilities, or the echo server, which answers the JSON probability vector it 
 and `stealguard-sidecar proxy --protocol torchserve` in front of it (Reverse Sigmoid, beta
 1.5, gamma 0.3). One client sends a single MNIST test sample (.npy, 1x28x28) as TorchServe
 `Predictions`, one call at a time, alternating direct and through-the-proxy calls in the
-same run, so both see the same machine. Reports p50/p99/mean of each and the proxy's added
-latency: the difference of the p50s and the p50 of the per-pair differences.
+same run, so both see the same machine. Reports p50/p99/mean of each, the proxy's added
+latency (the difference of the p50s and the p50 of the per-pair differences), and the CPU
+time the proxy process spends per call (steadier than latency on a busy machine).
 
 Prints Markdown; writes {"headline": {...}} to $STEALGUARD_BENCH_JSON when set.
 """
@@ -84,6 +85,12 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def mnist_sample() -> np.ndarray:
     from stealguard.attacks.datasets import load_dataset
 
@@ -132,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.calls < 10 or args.warmup < 0:
         parser.error("--calls must be at least 10 and --warmup at least 0")
 
-    sample = mnist_sample()
     tmp = Path(tempfile.mkdtemp(prefix="stealguard-bench-proxy-"))
     upstream_address, proxy_address = (f"127.0.0.1:{free_port()}" for _ in range(2))
     if args.upstream == "modelserver":
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--sidecar", f"127.0.0.1:{free_port()}",  # mnist-open never calls it
                         "--model-store", str(tmp / "store")]
         request = inference_pb2.PredictionsRequest(model_name="mnist-open",
-                                                   input={"data": npy(sample)})
+                                                   input={"data": npy(mnist_sample())})
     else:
         upstream_cmd = [sys.executable, str(HERE / "echo_server.py"), "--listen",
                         upstream_address]
@@ -157,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(start(upstream_cmd, upstream_address, tmp / "upstream.log", 600))
         procs.append(start(proxy_cmd, proxy_address, tmp / "proxy.log", 600))
         load_before = os.getloadavg()[0]
+        cpu_before = cpu_seconds(procs[1].pid)
         times = measure(upstream_address, proxy_address, request, args.calls, args.warmup)
+        proxy_cpu_us = (cpu_seconds(procs[1].pid) - cpu_before) / (args.calls + args.warmup) * 1e6
         load_after = os.getloadavg()[0]
     finally:
         for proc in reversed(procs):
@@ -170,18 +178,21 @@ def main(argv: list[str] | None = None) -> int:
     result = {"upstream": args.upstream, "calls": args.calls, "direct": direct,
               "proxy": proxied, "added_p50_ms": added_p50, "paired_diff_p50_ms": paired_p50,
               "added_p99_ms": proxied["p99_ms"] - direct["p99_ms"],
+              "proxy_cpu_us_per_call": proxy_cpu_us,
               "load_average": [load_before, load_after], "cores": os.cpu_count()}
     if os.environ.get("STEALGUARD_BENCH_JSON"):
         Path(os.environ["STEALGUARD_BENCH_JSON"]).write_text(json.dumps({"headline": {
             f"proxy added latency p50 ({args.upstream}, 1 MNIST sample)": f"{added_p50:.3f} ms",
             "proxy added latency p99": f"{result['added_p99_ms']:.3f} ms",
+            "proxy CPU per call": f"{proxy_cpu_us:.0f} us",
         }}))
     if args.format == "json":
         print(json.dumps(result, indent=2))
         return 0
-    what = ("`stealguard-modelserver`, model `mnist-open`" if args.upstream == "modelserver"
-            else "`bench/echo_server.py` (answers the probability vector it is sent)")
-    print(f"Upstream {what}; one MNIST sample per `Predictions` call, one call at a time, "
+    what = ("`stealguard-modelserver`, model `mnist-open`, sent one MNIST test sample (.npy)"
+            if args.upstream == "modelserver" else
+            "`bench/echo_server.py`, sent a 10-class probability vector that it echoes")
+    print(f"Upstream {what}. One `Predictions` call at a time, "
           f"{args.calls} direct and {args.calls} proxied calls alternating in one run "
           f"({args.warmup} pairs of warm-up); load average {load_before:.1f} -> "
           f"{load_after:.1f} on {os.cpu_count()} cores.\n")
@@ -190,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {s['mean_ms']:.3f} |")
     print(f"\nAdded by the proxy: **{added_p50:.3f} ms at p50** (p50 of per-pair differences "
           f"{paired_p50:.3f} ms), {result['added_p99_ms']:.3f} ms at p99. Target: at most "
-          f"1 ms at p50.")
+          f"1 ms at p50. The proxy process used {proxy_cpu_us:.0f} us of CPU per call.")
     return 0
 
 
