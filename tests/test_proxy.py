@@ -7,6 +7,8 @@ upstream (a TorchServe-API server with a scikit-learn model) <- `stealguard-side
 from __future__ import annotations
 
 import json
+import signal
+import time
 
 import grpc
 import numpy as np
@@ -41,12 +43,18 @@ def upstream():
 
 
 @pytest.fixture(scope="module")
-def proxy(upstream, tmp_path_factory):
+def proxy_process(upstream, tmp_path_factory):
+    """(process, address, config path) of the proxy in front of `upstream`."""
     config = tmp_path_factory.mktemp("proxy") / "proxy.yaml"
     config.write_text(CONFIG)
     process, address = start_proxy("torchserve", upstream["address"], str(config))
-    yield address
+    yield process, address, config
     assert process.stop() == 0, process.output()  # drains and exits cleanly on SIGTERM
+
+
+@pytest.fixture(scope="module")
+def proxy(proxy_process):
+    return proxy_process[1]
 
 
 def stub(address):
@@ -176,3 +184,30 @@ def test_upstream_down_is_unavailable_and_health_follows_the_upstream(upstream, 
     assert health_status(proxy, "org.pytorch.serve.grpc.inference.InferenceAPIsService") == (
         "SERVING"
     )
+
+
+def test_sighup_reloads_the_policies_between_calls(proxy_process):
+    process, address, config = proxy_process
+
+    def answer():
+        try:
+            return json.loads(predict(address, "digits-label", SAMPLES[1]))
+        except grpc.RpcError as error:
+            return error.code()
+
+    def reload(text, expected):
+        config.write_text(text)
+        process.popen.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while (got := answer()) != expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return got
+
+    lenient = CONFIG + "  digits-label: {defense: reverse_sigmoid, on_unrecognized: pass}\n"
+    assert answer() == grpc.StatusCode.FAILED_PRECONDITION
+    try:
+        assert reload(lenient, {"label": 1}) == {"label": 1}
+    finally:
+        assert reload(CONFIG, grpc.StatusCode.FAILED_PRECONDITION) == (
+            grpc.StatusCode.FAILED_PRECONDITION
+        )
