@@ -6,14 +6,13 @@ import io
 
 import numpy as np
 from stealguard.compat.torchserve import inference_pb2
+from stealguard.server.codec import array_to_tensor
 from stealguard.v1 import defense_pb2
 
 from .config import LoadConfig
 
 SYNTHETIC_POOL = 64  # distinct synthetic requests, cycled
 MAX_POOL = 4096  # at most this many distinct requests from a --payload file
-
-_DTYPES = {"float32": defense_pb2.FLOAT32, "float64": defense_pb2.FLOAT64}
 
 
 class PayloadError(ValueError):
@@ -70,16 +69,15 @@ def perturb_requests(cfg: LoadConfig) -> list[bytes]:
             raise PayloadError(
                 f"--payload {cfg.payload}: perturb needs (rows, classes), got shape {arr.shape}"
             )
-        dtype = arr.dtype.name if arr.dtype.name in _DTYPES else cfg.dtype
+        dtype = arr.dtype.name if arr.dtype.name in ("float32", "float64") else cfg.dtype
         arrays = [b.astype(dtype, copy=False) for b in _batches(arr, cfg.batch)]
     else:
         rng = np.random.default_rng(cfg.seed)
         arrays = [synthetic_rows(cfg, cfg.batch, rng) for _ in range(SYNTHETIC_POOL)]
     out = []
     for a in arrays:
-        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
-        tensor = defense_pb2.Tensor(shape=a.shape, dtype=_DTYPES[a.dtype.name], data=a.tobytes())
-        msg = defense_pb2.PerturbRequest(probabilities=tensor, model=cfg.model, logits=cfg.logits)
+        msg = defense_pb2.PerturbRequest(probabilities=array_to_tensor(a), model=cfg.model,
+                                         logits=cfg.logits)
         out.append(msg.SerializeToString())
     return out
 
