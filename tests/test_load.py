@@ -155,6 +155,33 @@ def test_errors_are_counted_by_status_code(sidecar, tmp_path):
     assert doc["errors"] == {"INVALID_ARGUMENT": 10}
 
 
+@pytest.mark.parametrize("method", ["perturb", "perturb-stream"])
+def test_responses_file_has_every_reply_matched_to_its_request(sidecar, tmp_path, method):
+    rng = np.random.default_rng(1)
+    rows = rng.dirichlet(np.full(5, 0.3), size=6).astype(np.float32)
+    payload, log = tmp_path / "rows.npy", tmp_path / "replies.jsonl"
+    np.save(payload, rows)
+    doc = load_json("--target", sidecar, "--model", "mnist", "--method", method, "--total",
+                    "7", "--batch", "2", "--payload", str(payload), "--concurrency", "2",
+                    "--responses", str(log))
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert doc["ok"] == len(lines) == 7
+    for line in lines:
+        sent = rows[[(2 * line["request"] + k) % 6 for k in range(2)]]
+        reply = np.array(line["reply"]["probabilities"])
+        assert line["code"] == "OK" and line["reply"]["policy"] == "mnist"
+        assert reply.shape == (2, 5) and not np.allclose(reply, sent, atol=1e-3)  # perturbed
+        np.testing.assert_array_equal(reply.argmax(1), sent.argmax(1))  # top-1 guard
+
+
+def test_responses_file_records_error_details(sidecar, tmp_path):
+    log = tmp_path / "replies.jsonl"
+    load_json("--target", sidecar, "--model", "nope", "--total", "3", "--responses", str(log))
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line["code"] for line in lines] == ["NOT_FOUND"] * 3
+    assert all("nope" in line["details"] for line in lines)
+
+
 def test_perturb_stream_times_each_message_on_long_lived_streams(sidecar):
     doc = load_json("--target", sidecar, "--model", "mnist", "--method", "perturb-stream",
                     "--total", "300", "--concurrency", "3")
@@ -293,6 +320,7 @@ def test_unreachable_target_is_one_line_and_exit_1():
     (["--procs", "2", "--concurrency", "1"], ["--concurrency", "--procs"]),
     (["--duration", "soon"], ["--duration"]),
     (["--server-pid", "999999999"], ["--server-pid"]),
+    (["--responses", "r.jsonl", "--procs", "2", "--concurrency", "2"], ["--responses"]),
 ])
 def test_contradictory_or_bad_flags_are_a_usage_error_naming_them(args, flags):
     done = load("--target", "127.0.0.1:1", *args)

@@ -116,15 +116,18 @@ class UnaryCaller:
         self._call = channel.unary_unary(METHOD_PATHS[cfg.method])
         self._requests = requests
         self._i = start
+        self.index, self.reply, self.details = 0, b"", ""  # of the last call (--responses)
         self._timeout = cfg.timeout
         self._metadata = metadata
 
     async def __call__(self) -> str:
-        request = self._requests[self._i % len(self._requests)]
+        self.index = self._i % len(self._requests)
         self._i += 1
         try:
-            await self._call(request, timeout=self._timeout, metadata=self._metadata)
+            self.reply = await self._call(self._requests[self.index], timeout=self._timeout,
+                                          metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
+            self.details = exc.details()
             return exc.code().name
         return OK
 
@@ -143,28 +146,33 @@ class StreamCaller:
         self._open = channel.stream_stream(METHOD_PATHS[cfg.method])
         self._requests = requests
         self._i = start
+        self.index, self.reply, self.details = 0, b"", ""  # of the last call (--responses)
         self._timeout = cfg.timeout
         self._metadata = metadata
         self._stream = None
 
     async def __call__(self) -> str:
-        request = self._requests[self._i % len(self._requests)]
+        self.index = self._i % len(self._requests)
         self._i += 1
         if self._stream is None:
             self._stream = self._open(metadata=self._metadata)
         stream = self._stream
         try:
-            reply = await _within(self._timeout, _exchange(stream, request))
+            reply = await _within(self._timeout, _exchange(stream, self._requests[self.index]))
         except asyncio.TimeoutError:
             self._drop()
+            self.details = f"no reply on the stream within {self._timeout:g}s"
             return grpc.StatusCode.DEADLINE_EXCEEDED.name
         except grpc.aio.AioRpcError as exc:
             self._drop()
+            self.details = exc.details()
             return exc.code().name
         if reply is grpc.aio.EOF:  # the server ended the stream: its status says why
             self._stream = None
             code = await stream.code()
+            self.details = await stream.details() or "the server ended the stream"
             return "STREAM_ENDED" if code == grpc.StatusCode.OK else code.name
+        self.reply = reply
         return OK
 
     def _drop(self) -> None:

@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", default=None, metavar="FILE", help="write the report here")
     g.add_argument("--histogram", default=None, metavar="FILE.png",
                    help="latency-by-percentile plot (needs matplotlib)")
+    g.add_argument("--responses", default=None, metavar="FILE.jsonl",
+                   help="every measured call's status and decoded reply, one JSON line each")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -168,6 +170,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         connect_timeout=args.connect_timeout,
         seed=args.seed,
         server_pids=tuple(args.server_pid),
+        responses=args.responses,
         security=Security(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name,
                           args.token_file),
     )

@@ -63,6 +63,7 @@ class LoadConfig:
     connect_timeout: float = 5.0
     seed: int = 0
     phase: float = 0.0  # seconds the first scheduled call is offset by (interleaves procs)
+    responses: str | None = None  # JSON-lines file of every measured call's reply
     server_pids: tuple[int, ...] = ()  # same host: measure these processes' CPU (and children)
     security: Security = field(default_factory=Security)
 
@@ -133,6 +134,8 @@ def check(cfg: LoadConfig) -> list[tuple[str, str]]:
         problems.append(("--timeout", "must be > 0"))
     if any(d < 1 for d in cfg.input_shape):
         problems.append(("--input-shape", "every dimension must be at least 1"))
+    if cfg.responses and cfg.procs > 1:
+        problems.append(("--responses", "needs --procs 1 (one process writes the file)"))
     sec = cfg.security
     if (sec.tls_cert is None) != (sec.tls_key is None):
         problems.append(("--tls-cert/--tls-key", "give both for mutual TLS, or neither"))

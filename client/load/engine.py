@@ -23,6 +23,7 @@ from hdrh.histogram import HdrHistogram
 from . import cpu as cpu_meter
 from .calls import OK, make_caller, open_channel, wait_reachable
 from .config import LoadConfig
+from .responses import ResponseLog
 
 HIGHEST_US = 3_600_000_000  # one hour, in microseconds
 SIGNIFICANT_FIGURES = 3
@@ -55,6 +56,7 @@ class Recorder:
         self.count = 0
         self.last_done = 0.0
         self.unsent = 0  # open loop: scheduled calls the run ended before starting
+        self.log = None  # a ResponseLog with --responses
 
     def record(self, code: str, scheduled: float, sent: float, done: float) -> None:
         self.count += 1
@@ -142,6 +144,8 @@ async def _closed_sender(call, budget: Budget, rec: Recorder) -> None:
         sent = now()
         code = await call()
         rec.record(code, sent, sent, now())
+        if rec.log is not None:
+            rec.log(call, code, sent)
 
 
 async def _open_sender(call, schedule: Schedule, rec: Recorder) -> None:
@@ -152,6 +156,8 @@ async def _open_sender(call, schedule: Schedule, rec: Recorder) -> None:
         sent = now()
         code = await call()
         rec.record(code, scheduled, sent, now())
+        if rec.log is not None:
+            rec.log(call, code, sent)
 
 
 async def drive(cfg: LoadConfig, callers: list, duration: float | None, total: int | None,
@@ -194,6 +200,7 @@ async def run_share(cfg: LoadConfig, requests: list[bytes], metadata,
     """
     channels = [open_channel(cfg) for _ in range(cfg.connections)]
     callers = []
+    rec = None
     try:
         for ch in channels:
             await wait_reachable(ch, cfg)
@@ -206,6 +213,8 @@ async def run_share(cfg: LoadConfig, requests: list[bytes], metadata,
         if on_ready is not None:
             on_ready()
         rec = Recorder(cfg.open_loop)
+        if cfg.responses:
+            rec.log = ResponseLog(cfg.responses, cfg.method, now())
         ticker = asyncio.create_task(_tick(rec, progress)) if progress is not None else None
         server_pids = cpu_meter.process_tree(list(cfg.server_pids))
         host0, server0 = cpu_meter.host_ticks(), cpu_meter.cpu_seconds(server_pids)
@@ -220,6 +229,8 @@ async def run_share(cfg: LoadConfig, requests: list[bytes], metadata,
             ticker.cancel()
             progress(rec.count)
     finally:
+        if rec is not None and rec.log is not None:
+            rec.log.close()
         for c in callers:
             await c.aclose()
         for ch in channels:
