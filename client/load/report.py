@@ -111,8 +111,9 @@ def warnings(doc: dict) -> list[str]:
         out.append(f"{doc['unsent']} calls scheduled within the run never started (no sender "
                    "was free before it ended); the latency figures do not include them")
     if host_full and not doc["client"]["saturated"]:
-        out.append(f"the host's {doc['host']['cpus']} cores were {host_busy:.0%} busy: client "
-                   "and server competed for CPU, so rates are a floor and latencies noisy")
+        out.append(f"the host's {doc['host']['cpus']} cores were {host_busy:.0%} busy (this "
+                   "client, the server if local, and anything else): rates are a floor and "
+                   "latencies noisy")
     if doc["requests"] and doc["ok"] == 0:
         out.append("no call succeeded: see errors")
     return out
