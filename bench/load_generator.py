@@ -23,49 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_serving(address: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{proc.args[0]} exited with {proc.returncode}")
-        with grpc.insecure_channel(address) as channel:
-            try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-        time.sleep(0.1)
-    raise SystemExit(f"{proc.args[0]} not SERVING on {address} after {timeout}s")
-
-
-def load_command() -> list[str]:
-    found = shutil.which("stealguard-load", path=os.path.dirname(sys.executable))
-    return [found] if found else [sys.executable, "-m", "stealguard.client.load.cli"]
+sys.path.insert(0, str(HERE.parent / "tests"))
+from _procs import Process, free_port, script, start_sidecar  # noqa: E402 - the one starter
 
 
 def run_load(address: str, *args: str) -> dict:
-    cmd = [*load_command(), "--target", address, "--no-progress", "--format", "json", *args]
+    cmd = [script("stealguard-load"), "--target", address, "--no-progress", "--format", "json",
+           *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise SystemExit(f"stealguard-load failed ({done.returncode}): {done.stderr.strip()}")
@@ -74,10 +43,9 @@ def run_load(address: str, *args: str) -> dict:
 
 def measure(address: str, server_pid: int, procs: int, concurrency: int,
             duration: str) -> dict:
-    """One closed-loop run at ``procs`` worker processes, after an unmeasured warm-up run."""
-    common = ["--procs", str(procs), "--concurrency", str(concurrency)]
-    run_load(address, *common, "--duration", "1s")  # warm: connections, caches
-    return run_load(address, *common, "--duration", duration, "--server-pid", str(server_pid))
+    """One closed-loop run at ``procs`` worker processes, after 1 s of unmeasured load."""
+    return run_load(address, "--procs", str(procs), "--concurrency", str(concurrency),
+                    "--warmup", "1s", "--duration", duration, "--server-pid", str(server_pid))
 
 
 def verdict(run: dict) -> str:
@@ -131,24 +99,6 @@ def markdown(rows: list[tuple[str, dict]], duration: str, concurrency: int,
     return "\n".join(lines) + "\n"
 
 
-class Server:
-    """A server process on a free loopback port, stopped by PID."""
-
-    def __init__(self, name: str, argv: list[str]) -> None:
-        self.name = name
-        self.address = f"127.0.0.1:{free_port()}"
-        self.proc = subprocess.Popen([*argv, "--listen", self.address],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", default="5s", help="measured time per run (default 5s)")
@@ -159,24 +109,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     duration = "2s" if args.quick or os.environ.get("STEALGUARD_BENCH_QUICK") else args.duration
 
-    servers = [Server("echo", [sys.executable, str(HERE / "echo_server.py")])]
+    echo_address = f"127.0.0.1:{free_port()}"
+    echo = Process([sys.executable, str(HERE / "echo_server.py"), "--listen", echo_address])
+    servers = [("echo", echo, echo_address)]
     notes = []
-    sidecar = shutil.which("stealguard-sidecar", path=os.path.dirname(sys.executable))
-    if args.no_sidecar:
-        pass
-    elif sidecar:
-        servers.append(Server("sidecar", [sidecar]))  # default policy: Reverse Sigmoid
-    else:
-        notes.append("stealguard-sidecar is not installed: sidecar rows skipped.")
-    rows = []
     try:
-        for server in servers:
-            wait_serving(server.address, server.proc, timeout=300)
-            rows += [(server.name, measure(server.address, server.proc.pid, procs,
-                                           args.concurrency, duration)) for procs in (1, 2)]
+        echo.wait_healthy(echo_address, timeout=60)
+        if not args.no_sidecar:
+            try:
+                sidecar, sidecar_address = start_sidecar()  # default policy: Reverse Sigmoid
+                servers.append(("sidecar", sidecar, sidecar_address))
+            except RuntimeError as exc:  # not installed
+                notes.append(f"sidecar rows skipped: {exc}")
+        rows = [(name, measure(address, proc.pid, procs, args.concurrency, duration))
+                for name, proc, address in servers for procs in (1, 2)]
     finally:
-        for server in servers:
-            server.stop()
+        for _, proc, _ in servers:
+            proc.stop()
     print(markdown(rows, duration, args.concurrency, notes), end="")
     out = os.environ.get("STEALGUARD_BENCH_JSON")
     if out:
