@@ -15,6 +15,9 @@ from stealguard.server.config import ConfigError
 from stealguard.server.defenses import make_defense
 
 DEFAULT = "default"
+# Policy keys that configure the proxy, not the defense: one YAML serves the sidecar and
+# the proxy, so the sidecar accepts them and leaves them to the proxy.
+PROXY_KEYS = ("on_unrecognized", "outputs")
 
 
 class UnknownModel(LookupError):
@@ -56,7 +59,7 @@ class PolicySet:
         """
         policies = {}
         for name, spec in specs.items():
-            params = {k: v for k, v in spec.items() if k != "defense"}
+            params = {k: v for k, v in spec.items() if k != "defense" and k not in PROXY_KEYS}
             try:
                 defense = make_defense(str(spec["defense"]), secret=secret, **params)
             except (TypeError, ValueError) as error:

@@ -71,3 +71,12 @@ def test_invalid_yaml_is_a_config_error(tmp_path):
 def test_zero_workers_is_rejected():
     with pytest.raises(ConfigError, match="workers must be at least 1"):
         load_config(env={}, overrides={"workers": 0})
+
+
+def test_one_yaml_serves_sidecar_and_proxy(tmp_path):
+    from stealguard.server.policies import PolicySet
+
+    path = write(tmp_path, "policies:\n  mnist: {defense: reverse_sigmoid, beta: 1.0, "
+                 "on_unrecognized: pass, outputs: [predict_proba]}\n")
+    policies = PolicySet.from_config(load_config(path, env={}).policies, b"k")
+    assert policies.resolve("mnist").params["beta"] == 1.0

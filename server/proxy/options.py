@@ -7,7 +7,8 @@ A policy entry of the YAML may carry, besides its defense and parameters:
                                      # pass = returned unchanged
     outputs: [predict_proba, ...]    # v2 only: the output tensors that hold probabilities
 
-These keys are removed before the defense is built, so `make_defense` never sees them.
+`PolicySet.from_config` skips these keys (`PROXY_KEYS`), so `make_defense` never sees them
+and one YAML serves the sidecar and the proxy.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ PASS = "pass"
 ON_UNRECOGNIZED = (REJECT, PASS)
 # The v2 output names that hold probabilities when a policy does not list its own.
 DEFAULT_OUTPUTS = ("probabilities", "predict_proba")
-PROXY_KEYS = ("on_unrecognized", "outputs")
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,8 @@ class ProxyPolicies:
         cls, specs: Mapping[str, Mapping[str, Any]], secret: bytes
     ) -> ProxyPolicies:
         """Build the policies of `specs`; `ConfigError` names a bad policy or proxy key."""
-        defense_specs, options = {}, {}
-        for name, spec in specs.items():
-            defense_specs[name] = {k: v for k, v in spec.items() if k not in PROXY_KEYS}
-            options[name] = _proxy_options(name, spec)
-        return cls(PolicySet.from_config(defense_specs, secret), options)
+        options = {name: _proxy_options(name, spec) for name, spec in specs.items()}
+        return cls(PolicySet.from_config(specs, secret), options)  # it skips PROXY_KEYS
 
     def resolve(self, model: str) -> ProxyPolicy:
         """The policy of `model` (else `default`); raises `UnknownModel` if neither exists."""
