@@ -40,11 +40,12 @@ def run_remote(*, target: str, models: list[str], strategies: list[str], budgets
     ds = load_dataset(dataset, seed=seed)
     profile = profile_for(ds, quick)
     attacker = Attacker.from_dataset(ds, architecture, profile.train, seed)
-    log(f"scoring: {baseline_model} on {len(ds.test_x)} test inputs at {target}")
     base = _answers(target, baseline_model, ds.test_x, timeout)
     answers = {}
     for name in models:  # also checks every model exists before the long part starts
         answers[name] = _answers(target, name, ds.test_x, timeout)
+    log(f"scored {baseline_model} and {', '.join(models)} on {len(ds.test_x)} test inputs "
+        f"at {target}")
     result = {"target": target, "dataset": dataset, "baseline_model": baseline_model,
               "architecture": architecture, "test_samples": len(ds.test_x),
               "base_accuracy": accuracy(base, ds.test_y), "models": {}}

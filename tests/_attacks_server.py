@@ -21,7 +21,6 @@ from concurrent import futures
 import grpc
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-
 from stealguard.attacks.datasets import load_dataset
 from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc
 from stealguard.server.defenses import make_defense
