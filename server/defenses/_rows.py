@@ -169,7 +169,7 @@ def restore_top1(out, base, k, top):
         if c == count:
             break
         count = c
-        t = total / (c + 1)
+        t = max(t, total / (c + 1))  # rounding must not let t shrink: the set then cycles
     out[base + top] = t  # the store rounds t to the row's dtype
     tv = out[base + top]
     below = next_below(tv)
