@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "an empty one gets the default models")
     parser.add_argument("--torch-threads", dest="torch_threads", type=int,
                         help=f"threads per forward pass (default {defaults.torch_threads})")
+    parser.add_argument("--max-batch", dest="max_batch", type=int,
+                        help=f"most samples in one request (default {defaults.max_batch})")
     parser.add_argument("--prepare", action="store_true",
                         help="create the default models in the store (training once), then exit")
     parser.add_argument("--log-level", dest="log_level", default="info",

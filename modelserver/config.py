@@ -28,6 +28,7 @@ class ServerConfig:
     sidecar_timeout: float = 1.0  # then the answer is label-only (fail-closed)
     model_store: Path = field(default_factory=lambda: cache_root() / "model-store")
     torch_threads: int = 2
+    max_batch: int = 1024  # samples per request; below the sidecar's max_rows (65536)
 
 
 def config_from(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> ServerConfig:
@@ -53,7 +54,7 @@ def _checked(key: str, value, source: str):
             raise ValueError(f"{source}: expected seconds, got {value!r}") from None
         if not value > 0:
             raise ValueError(f"{source}: must be > 0 seconds, got {value}")
-    elif key == "torch_threads":
+    elif key in ("torch_threads", "max_batch"):
         if int(value) < 1:
             raise ValueError(f"{source}: must be at least 1, got {value}")
         value = int(value)

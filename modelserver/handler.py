@@ -32,13 +32,15 @@ class Handler:
     """One model's pipeline. `handle(inputs)` returns the JSON `prediction` bytes."""
 
     def __init__(self, spec: ModelSpec, module: torch.nn.Module,
-                 sidecar: AsyncDefenseClient | None, executor: Executor | None = None):
+                 sidecar: AsyncDefenseClient | None, executor: Executor | None = None,
+                 max_batch: int = 1024):
         if spec.protected and sidecar is None:
             raise ValueError(f"model {spec.name!r} has policy {spec.policy!r}: it needs a sidecar")
         self.spec = spec
         self.module = module
         self.sidecar = sidecar
         self.executor = executor
+        self.max_batch = max_batch
 
     def preprocess(self, inputs: Mapping[str, bytes]) -> tuple[np.ndarray, bool]:
         """The request's input map → (float32 batch (N, *input_shape), is_batch)."""
@@ -47,7 +49,11 @@ class Handler:
             given = ", ".join(repr(k) for k in inputs) or "none"
             raise InputError(f"input 'data' is missing (keys given: {given}); "
                              "put the PNG or .npy bytes under 'data'")
-        return decode_input(data, self.spec.input_shape)
+        batch, is_batch = decode_input(data, self.spec.input_shape)
+        if len(batch) > self.max_batch:
+            raise InputError(f"the batch holds {len(batch)} samples; this server takes at most "
+                             f"{self.max_batch} per request (--max-batch): split it")
+        return batch, is_batch
 
     def inference(self, batch: np.ndarray) -> np.ndarray:
         """float32 batch → float64 probabilities (N, classes)."""
@@ -102,14 +108,14 @@ class Models:
     """The handlers of every model in a store, found by name (and optional version)."""
 
     def __init__(self, specs: Mapping[str, ModelSpec], sidecar: AsyncDefenseClient | None,
-                 executor: Executor | None = None):
+                 executor: Executor | None = None, max_batch: int = 1024):
         modules: dict[Path, torch.nn.Module] = {}  # models that share weights share a module
         self.handlers: dict[str, Handler] = {}
         for name, spec in specs.items():
             key = spec.weights.resolve()
             if key not in modules:
                 modules[key] = load_module(spec)
-            self.handlers[name] = Handler(spec, modules[key], sidecar, executor)
+            self.handlers[name] = Handler(spec, modules[key], sidecar, executor, max_batch)
 
     def warm_up(self) -> None:
         """One forward pass per model, so the first request is not the slow one."""

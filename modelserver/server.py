@@ -43,7 +43,7 @@ async def run_modelserver(config: ServerConfig) -> None:
     sidecar = AsyncDefenseClient(config.sidecar, timeout=config.sidecar_timeout)
     # one inference thread: each forward pass already uses torch_threads cores
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference") as executor:
-        models = Models(specs, sidecar, executor)
+        models = Models(specs, sidecar, executor, config.max_batch)
         models.warm_up()
         app = GrpcApp(config.listen, [INFERENCE_SERVICE], max_message_bytes=MAX_MESSAGE_BYTES)
         inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(

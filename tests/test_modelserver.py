@@ -108,6 +108,8 @@ def test_default_model_classifies_real_test_images(stack):
     ("mnist", {"data": npy_bytes(np.full((28, 28), 7.0, np.float32))}, "INVALID_ARGUMENT",
      "values must be in [0, 1]"),
     ("resnet50", {"data": b"..."}, "NOT_FOUND", "model 'resnet50' is not in the model store"),
+    ("mnist", {"data": npy_bytes(np.zeros((1025, 28, 28), np.uint8))}, "INVALID_ARGUMENT",
+     "the batch holds 1025 samples; this server takes at most 1024"),
 ])
 def test_bad_input_gets_its_error_and_the_next_request_is_answered(
         stack, images, model, inputs, code, message):
