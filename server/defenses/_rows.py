@@ -110,18 +110,6 @@ def row_sum(a, base, k):
 
 
 @njit(inline="always")
-def is_top(a, base, k, top):
-    """True if numpy.argmax(a[base:base+k]) == top (all before it smaller, none after larger)."""
-    t = a[base + top]
-    ok = True
-    for j in range(top):
-        ok &= a[base + j] < t
-    for j in range(top + 1, k):
-        ok &= a[base + j] <= t
-    return ok
-
-
-@njit(inline="always")
 def normalise_row(out, base, k, total, top):
     """Divide out[base:base+k] (non-negative, summing to `total`) by its sum.
 
@@ -142,24 +130,37 @@ def normalise_row(out, base, k, total, top):
 
 
 @njit(inline="always")
-def restore_top1(out, base, k, top):
-    """Make class `top` the numpy.argmax of the normalised row out[base:base+k] again.
+def guard_top1(out, base, k, top):
+    """Make `top` the numpy.argmax of the normalised row out[base:base+k] if it is not.
 
-    The adjustment is the smallest one in the Euclidean sense: the projection of the row
-    onto the set of rows where `top` is a largest value. It replaces `top` and the classes
-    S above it by their mean t, where S = {j : out[j] > t} (found by shrinking the set of
-    classes above out[top] until it is stable; t only grows, so this takes at most k
-    rounds, nearly always two). That keeps the row's sum, keeps every class outside S and
-    is the KKT solution of min ||x - out||^2 subject to x[top] >= x[j] for all j.
-    numpy.argmax takes the first of equal maxima, so classes before `top` that now equal
-    t are then lowered by one unit in the last place, which makes `top` the strict maximum
-    over them. Branch-free: which classes are above t is unpredictable.
+    A row whose argmax already is `top` is left bit-for-bit as it is. Otherwise the row
+    gets the smallest adjustment in the Euclidean sense: its projection onto the rows
+    where `top` is a largest value. That replaces `top` and the classes S above it by
+    their mean t, where S = {j : out[j] > t} (the classes above out[top], shrunk until
+    stable: t only grows, so at most k rounds, nearly always one or two). It keeps the
+    row's sum and every class outside S, and is the KKT solution of
+    min ||x - out||^2 subject to x[top] >= x[j] for all j. numpy.argmax takes the first
+    of equal maxima, so classes before `top` that now equal t are lowered by one unit in
+    the last place, which makes `top` the strict maximum over them.
+
+    The first pass both tests the row and does the first round of the projection. All
+    loops are branch-free: which classes lie above t is unpredictable.
     """
-    q_top = np.float64(out[base + top])
-    t = q_top
-    count = -1
-    while True:
-        total = q_top
+    q_top = out[base + top]
+    is_argmax = True
+    total = np.float64(q_top)
+    count = 0
+    for j in range(k):
+        v = out[base + j]
+        is_argmax &= (v < q_top) | ((j >= top) & (v <= q_top))
+        above = v > q_top
+        total += np.float64(v) if above else 0.0
+        count += above
+    if is_argmax:
+        return
+    t = total / (count + 1)
+    while True:  # shrink S = {j : out[j] > t} until it is stable
+        total = np.float64(q_top)
         c = 0
         for j in range(base, base + k):
             v = np.float64(out[j])

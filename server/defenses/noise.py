@@ -17,7 +17,7 @@ from numba import njit, prange
 
 from ._base import Defense, positive
 from ._fastmath import siphash24, uniform01
-from ._rows import is_top, normalise_row, restore_top1, row_sum
+from ._rows import guard_top1, normalise_row, row_sum
 from ._validation import check_row
 
 UNIFORM, CONCAVE, CONVEX, GAUSSIAN, RANKED = 0, 1, 2, 3, 4
@@ -70,8 +70,8 @@ def _rows(y, out, k, first, last, check, kind, beta, rho, k0, k1):
             for rank in range(k):
                 out[base + order[rank]] = values[k - 1 - rank]
         normalise_row(out, base, k, row_sum(out, base, k), top)
-        if kind == RANKED and not is_top(out, base, k, top):  # equal values can tie
-            restore_top1(out, base, k, top)
+        if kind == RANKED:  # equal perturbed values can tie with the top class
+            guard_top1(out, base, k, top)
     return -1
 
 

@@ -23,7 +23,7 @@ from numba.core.extending import overload
 
 from ._base import Defense, flag, positive
 from ._fastmath import FASTMATH, exp_f32, log_f32
-from ._rows import is_top, normalise_row, restore_top1, row_stats
+from ._rows import guard_top1, normalise_row, row_stats
 from ._validation import SUM_TOLERANCE, check_row
 
 #: The logit clamp: the reference implementation's clip of y to [1e-9, 1 - 1e-9].
@@ -78,8 +78,8 @@ def _rows(y, out, k, first, last, check, beta, gamma, limit, guard):
                 if not check_row(y, base, k)[0]:
                     return i
             normalise_row(out, base, k, q_sum, top)
-            if guard and not is_top(out, base, k, top):
-                restore_top1(out, base, k, top)
+            if guard:
+                guard_top1(out, base, k, top)
     return -1
 
 
@@ -110,7 +110,7 @@ class ReverseSigmoid(Defense):
 
     beta > 0 scales the perturbation, gamma > 0 stretches the pseudo-logit. With
     `preserve_top1` (the default) a row whose numpy.argmax the formula would change gets
-    its input's top-1 class back by the smallest adjustment (`_rows.restore_top1`); every
+    its input's top-1 class back by the smallest adjustment (`_rows.guard_top1`); every
     other row is bit-identical to the unguarded output.
     """
 

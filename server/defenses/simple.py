@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._base import Defense, in_range, integer, positive
-from ._rows import is_top, normalise_row, restore_top1, row_sum
+from ._rows import guard_top1, normalise_row, row_sum
 from ._validation import check_row
 
 NONE, SINE, HIGH_CONFIDENCE, TOP_K, ROUNDED, CLASS_LABELS = range(6)
@@ -56,8 +56,8 @@ def _rows(y, out, k, first, last, check, kind, a, b):
                     q = v
                 out[j] = q
         normalise_row(out, base, k, row_sum(out, base, k), top)
-        if (kind == HIGH_CONFIDENCE or kind == TOP_K) and not is_top(out, base, k, top):
-            restore_top1(out, base, k, top)  # rescaling can round a near-tie into a tie
+        if kind == HIGH_CONFIDENCE or kind == TOP_K:  # rescaling can round a near-tie
+            guard_top1(out, base, k, top)  # into a tie
     return -1
 
 
