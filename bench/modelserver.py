@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", choices=["npy", "png"], default="npy",
                         help="request format (default npy)")
     parser.add_argument("--batch", type=int, default=1, help="images per call (.npy only)")
+    parser.add_argument("--torch-threads", type=int, default=2,
+                        help="the model server's --torch-threads (default 2)")
     parser.add_argument("--quick", action="store_true", help="500 pairs")
     parser.add_argument("--format", choices=["markdown", "json"], default="markdown")
     args = parser.parse_args(argv)
@@ -115,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                             "--config", str(tmp / "sidecar.yaml")],
                            sidecar_address, tmp / "sidecar.log", 600))
         procs.append(start([console_script("stealguard-modelserver"), "--listen", address,
-                            "--sidecar", sidecar_address, "--model-store", str(tmp / "store")],
+                            "--sidecar", sidecar_address, "--model-store", str(tmp / "store"),
+                            "--torch-threads", str(args.torch_threads)],
                            address, tmp / "modelserver.log", 600))
         load_before = os.getloadavg()[0]
         times = measure(address, data, args.calls, args.warmup)
