@@ -339,3 +339,40 @@ def test_check_report_fails_when_the_defense_changes_labels(tmp_path):
     done = run_check_report(tmp_path, scenario_report(0.99, 0.30, 0.95))
     assert done.returncode == 1
     assert "on 0.9900 of the test inputs, not 1.00" in done.stderr
+
+
+# --- the commands in the files are ones the programs accept ---------------------------------
+
+def test_compose_and_kubernetes_commands_parse_with_the_programs_own_parsers(compose, manifests):
+    from stealguard.attacks.cli import build_parser as attack_parser
+    from stealguard.client.load.cli import build_parser as load_parser
+    from stealguard.client.load.cli import config_from_args
+    from stealguard.modelserver.cli import build_parser as modelserver_parser
+    from stealguard.server.cli import build_parser as sidecar_parser
+
+    services = compose["services"]
+    sidecar_parser().parse_args(services["sidecar"]["command"])
+    pod = manifests["Deployment"]["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    sidecar_parser().parse_args(containers["sidecar"]["args"])
+    for command in (services["modelserver"]["command"], containers["modelserver"]["command"]):
+        assert command[0] == "stealguard-modelserver"
+        modelserver_parser().parse_args(command[1:])
+    attack = attack_parser().parse_args(services["attacker"]["command"][1:])
+    assert (attack.command, attack.model) == ("run", ["mnist", "mnist-open"])
+    load = services["loadtest"]["command"]
+    assert load[0] == "stealguard-load"
+    config_from_args(load_parser().parse_args(load[1:]))  # validates durations and sizes
+
+
+def test_kubernetes_sidecar_config_builds_its_policies(manifests, tmp_path):
+    from stealguard.server.config import load_config
+    from stealguard.server.policies import PolicySet
+
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(manifests["ConfigMap"]["data"]["sidecar.yaml"])
+    config = load_config(path, env={})
+    assert config.listen == f"0.0.0.0:{SIDECAR_PORT}"
+    policies = PolicySet.from_config(config.policies, b"test-secret")
+    assert policies.resolve("mnist").defense.name == "reverse_sigmoid"
+    assert policies.resolve("mnist-open").defense.name == "none"
