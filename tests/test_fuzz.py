@@ -277,10 +277,9 @@ def _stream(stub: defense_pb2_grpc.DefenseStub, number: int) -> tuple[int, list[
     cases = [make_case(first + k) for k in range(STREAM_LENGTH)]
     problems, answered = [], 0
     try:
-        for case, reply in zip(cases, stub.PerturbStream(iter([c.request for c in cases]),
-                                                         timeout=60)):
+        for reply in stub.PerturbStream(iter([c.request for c in cases]), timeout=60):
+            problems += filter(None, [check_answer(cases[answered], "OK", reply, "")])
             answered += 1
-            problems += filter(None, [check_answer(case, "OK", reply, "")])
     except grpc.RpcError as error:
         # a too-large message can fail the stream before earlier answers are delivered, so
         # the refusal may belong to any request not yet answered

@@ -1,0 +1,211 @@
+"""Helpers for the fault tests: a model server whose sidecar can be killed, stalled and
+restarted on the same port, and callers that record and classify every answer.
+
+An answer of `mnist` to a real MNIST image is one of:
+
+    protected   the sidecar's perturbation of `mnist-open`'s raw output for that image
+    label       one-hot at the raw output's top-1 (the model server failed closed)
+    raw         `mnist-open`'s raw output itself: a leak
+    other       anything else (also a failure)
+    error       the call failed (allowed: no probabilities were returned)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from _modelserver_helpers import (
+    STARTUP_TIMEOUT,
+    TorchServeClient,
+    mnist_test_images,
+    npy_bytes,
+    start_modelserver,
+)
+from _procs import Process, script, start_sidecar
+from stealguard.client import DefenseClient
+
+
+@dataclass(frozen=True)
+class Answer:
+    start: float  # time.monotonic() when the call was sent
+    end: float  # ... and when its answer (or error) came back
+    image: int
+    kind: str  # protected | label | raw | other | error
+    detail: str = ""
+
+
+def classify(answer: np.ndarray, raw: np.ndarray, protected: np.ndarray) -> str:
+    """protected, label, raw or other (see the module docstring)."""
+    if answer.shape != raw.shape:
+        return "other"
+    if np.allclose(answer, protected, rtol=0, atol=1e-12):
+        return "protected"
+    if np.array_equal(answer, np.eye(len(raw))[raw.argmax()]):
+        return "label"
+    if np.allclose(answer, raw, rtol=0, atol=1e-9):
+        return "raw"
+    return "other"
+
+
+@dataclass
+class Stack:
+    """A model server (sidecar timeout 0.5 s) and a sidecar on a fixed port."""
+
+    store: Path
+    sidecar: Process = None
+    sidecar_address: str = ""
+    modelserver: Process = None
+    address: str = ""
+    images: np.ndarray = None  # real MNIST test images whose answers tell the kinds apart
+    raw: np.ndarray = None  # mnist-open's answer for each image
+    protected: np.ndarray = None  # the sidecar's perturbation of each raw answer
+    sidecars: list[Process] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return int(self.sidecar_address.rsplit(":", 1)[1])
+
+    def start(self, candidates: int = 64, keep: int = 24) -> None:
+        self.sidecar, self.sidecar_address = start_sidecar(wait=False)
+        self.sidecars.append(self.sidecar)
+        self.modelserver, self.address = start_modelserver(
+            self.sidecar_address, self.store, "--sidecar-timeout", "0.5")
+        self.modelserver.wait_healthy(self.address, timeout=STARTUP_TIMEOUT)
+        self.sidecar.wait_healthy(self.sidecar_address, timeout=STARTUP_TIMEOUT)
+        images = mnist_test_images(candidates)
+        client = TorchServeClient(self.address)
+        with DefenseClient(self.sidecar_address, timeout=30) as defense:
+            raw = np.stack([client.predict("mnist-open", npy_bytes(i)) for i in images])
+            protected = defense.perturb(raw, model="mnist")
+        client.close()
+        # keep images whose three possible answers are far apart
+        distinct = ((raw.max(1) < 1 - 1e-6) & (np.abs(protected - raw).max(1) > 0.05)
+                    & (np.abs(protected - np.eye(10)[raw.argmax(1)]).max(1) > 0.05))
+        chosen = np.flatnonzero(distinct)[:keep]
+        assert len(chosen) >= 8, "too few MNIST test images give distinguishable answers"
+        self.images, self.raw, self.protected = images[chosen], raw[chosen], protected[chosen]
+
+    def restart_sidecar(self) -> float:
+        """A new sidecar on the same port, waited for; returns when it became SERVING."""
+        assert self.sidecar.popen.poll() is not None, "the old sidecar is still running"
+        self.sidecar, _ = start_sidecar(port=self.port, wait=False)
+        self.sidecars.append(self.sidecar)
+        self.sidecar.wait_healthy(self.sidecar_address, timeout=STARTUP_TIMEOUT)
+        return time.monotonic()
+
+    def stop(self) -> None:
+        if self.modelserver is not None:
+            self.modelserver.stop()
+        for process in self.sidecars:
+            if process.popen.poll() is None:
+                os.kill(process.pid, signal.SIGCONT)  # a stalled sidecar cannot take SIGTERM
+            process.stop()
+
+
+def wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Wait until the kernel reports `pid` stopped (state T) after a SIGSTOP."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state in ("T", "t"):
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"process {pid} did not stop")
+
+
+class Recorder:
+    """`callers` threads asking the model server's `mnist` for one image at a time, each
+    answer classified against the stack's references; plus stealguard-load for the load."""
+
+    def __init__(self, stack: Stack, callers: int = 3, load_seconds: float = 0,
+                 payload: Path | None = None):
+        self.stack = stack
+        self.answers: list[Answer] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._caller, args=(n,), daemon=True)
+                         for n in range(callers)]
+        self.load: subprocess.Popen | None = None
+        if load_seconds:
+            np.save(payload, stack.images)
+            self.load = subprocess.Popen(
+                [script("stealguard-load"), "--target", stack.address, "--method",
+                 "predictions", "--model", "mnist", "--payload", str(payload),
+                 "--concurrency", "2", "--duration", f"{load_seconds}s", "--timeout", "30s",
+                 "--format", "json", "--no-progress"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def __enter__(self) -> Recorder:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+        if self.load is not None and self.load.poll() is None:
+            self.load.kill()
+            self.load.wait()
+
+    def _caller(self, number: int) -> None:
+        stack = self.stack
+        requests = [npy_bytes(image) for image in stack.images]
+        client = TorchServeClient(stack.address)
+        count = number
+        while not self._stop.is_set():
+            image = count % len(requests)
+            count += 1
+            start = time.monotonic()
+            try:
+                answer = client.predict("mnist", requests[image], timeout=30)
+                kind, detail = classify(answer, stack.raw[image], stack.protected[image]), ""
+                if kind in ("raw", "other"):
+                    detail = np.array2string(answer, precision=4)
+            except grpc.RpcError as error:
+                kind, detail = "error", f"{error.code().name}: {error.details()}"
+            with self._lock:
+                self.answers.append(Answer(start, time.monotonic(), image, kind, detail))
+        client.close()
+
+    def count(self, kind: str, since: float = 0.0) -> int:
+        with self._lock:
+            return sum(a.kind == kind and a.start >= since for a in self.answers)
+
+    def wait_for(self, kind: str, count: int, since: float = 0.0,
+                 timeout: float = 60.0) -> None:
+        """Wait until `count` answers of `kind`, sent at `since` or later, came back."""
+        deadline = time.monotonic() + timeout
+        while self.count(kind, since) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {self.count(kind, since)} {kind} answers in "
+                                   f"{timeout}s; kinds so far: {self.kinds()}")
+            time.sleep(0.05)
+
+    def kinds(self, start: float = 0.0, end: float = float("inf")) -> dict[str, int]:
+        """Counts by kind of the answers sent at `start` or later that came back by `end`."""
+        counts: dict[str, int] = {}
+        with self._lock:
+            for a in self.answers:
+                if a.start >= start and a.end <= end:
+                    counts[a.kind] = counts.get(a.kind, 0) + 1
+        return counts
+
+    def leaks(self) -> list[Answer]:
+        with self._lock:
+            return [a for a in self.answers if a.kind in ("raw", "other")]
+
+    def load_report(self) -> dict:
+        """stealguard-load's JSON report (waits for its run to end)."""
+        out, err = self.load.communicate(timeout=120)
+        assert self.load.returncode == 0, err
+        return json.loads(out)
