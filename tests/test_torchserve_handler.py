@@ -1,4 +1,5 @@
-"""Settings of the TorchServe handler: model config < extra file < environment."""
+"""The TorchServe handler without TorchServe: its settings (model config < extra file <
+environment) and its pipeline over a batch of requests, against the real sidecar."""
 
 from __future__ import annotations
 
@@ -47,3 +48,51 @@ def test_unknown_setting_is_named_with_its_source(tmp_path):
 def test_bad_values_are_rejected_with_the_key(tmp_path, env, message):
     with pytest.raises(ValueError, match=message):
         load_settings(tmp_path, None, "mnist", env=env)
+
+
+def _handler(settings: dict, sidecar: str):
+    import torch
+    from stealguard.client import DefenseClient
+    from stealguard.client.torchserve import StealguardHandler
+
+    handler = StealguardHandler()  # as TorchServe would have initialised it
+    handler.settings = {**settings, "sidecar": sidecar}
+    handler.sidecar = DefenseClient(sidecar, timeout=10)
+    handler.device = torch.device("cpu")
+    handler._requests = None
+    return handler
+
+
+def test_a_torchserve_batch_of_requests_gets_one_protected_answer_each(tmp_path, sidecar):
+    import numpy as np
+    import torch
+    from _modelserver_helpers import mnist_test_images, npy_bytes, png_bytes
+    from stealguard.client import DefenseClient
+
+    settings = load_settings(tmp_path, {"stealguard": {"input_shape": [1, 28, 28]}}, "mnist",
+                             env={})
+    handler = _handler(settings, sidecar)
+    images = mnist_test_images(3)
+    batch = handler.preprocess([{"data": npy_bytes(images[:2])},
+                                {"body": bytearray(png_bytes(images[2]))}])
+    assert tuple(batch.shape) == (3, 1, 28, 28)
+    logits = torch.tensor(np.random.default_rng(0).normal(0, 4, (3, 10)))
+    answers = handler.postprocess(logits)
+    probs = torch.softmax(logits, dim=1).numpy()
+    with DefenseClient(sidecar, timeout=10) as defense:
+        expected = defense.perturb(probs, model="mnist")
+    assert len(answers) == 2 and len(answers[0]) == 2 and len(answers[1]) == 10
+    np.testing.assert_allclose(np.array(answers[0]), expected[:2], atol=1e-12)
+    np.testing.assert_allclose(np.array(answers[1]), expected[2], atol=1e-12)
+
+
+def test_a_bad_request_in_a_torchserve_batch_is_a_400_naming_it(tmp_path, sidecar):
+    from ts.utils.util import PredictionException
+
+    settings = load_settings(tmp_path, {"stealguard": {"input_shape": [1, 28, 28]}}, "mnist",
+                             env={})
+    handler = _handler(settings, sidecar)
+    with pytest.raises(PredictionException) as error:
+        handler.preprocess([{"data": b"\x93NUMPY garbage"}, {"other": b""}])
+    assert error.value.error_code == 400
+    assert error.value.message.startswith("request 0: input 'data' is not a readable .npy")
