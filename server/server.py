@@ -39,11 +39,13 @@ class GrpcApp:
     """A grpc.aio server with health, reflection, signal handling and graceful drain."""
 
     def __init__(self, listen: str, services: Iterable[str], *, max_message_bytes: int,
+                 logger: logging.Logger = log,
                  reuse_port: bool = False, grace: float = 5.0,
                  credentials: grpc.ServerCredentials | None = None,
                  interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
                  max_in_flight: int | None = None):
         self.listen = listen
+        self.log = logger
         self.services = list(services)
         self.grace = grace
         self.credentials = credentials
@@ -67,8 +69,13 @@ class GrpcApp:
 
     @classmethod
     def from_config(cls, config: Config, services: Iterable[str], *,
-                    reuse_port: bool = False) -> GrpcApp:
-        """A server with the limits, TLS, tokens, rate limit and metrics of `config`."""
+                    reuse_port: bool = False, logger: logging.Logger = log) -> GrpcApp:
+        """A server with the limits, TLS, tokens, rate limit and metrics of `config`.
+
+        `config` is a sidecar `Config` or any object with the same attributes (listen,
+        max_message_bytes, max_in_flight, grace, tls_cert, tls_key, tls_ca, token_file,
+        rate_limit, rate_burst, client_header, metrics_port), such as the model server's.
+        """
         tokens = Tokens.from_file(config.token_file) if config.token_file else None
         limiter = RateLimiter(config.rate_limit, config.rate_burst) if config.rate_limit else None
         with_metrics = config.metrics_port > 0
@@ -77,7 +84,7 @@ class GrpcApp:
             guard.append(GuardInterceptor(tokens=tokens, client_header=config.client_header,
                                           limiter=limiter, with_metrics=with_metrics))
         return cls(config.listen, services, max_message_bytes=config.max_message_bytes,
-                   reuse_port=reuse_port, grace=config.grace,
+                   logger=logger, reuse_port=reuse_port, grace=config.grace,
                    credentials=server_credentials(config), interceptors=guard,
                    max_in_flight=config.max_in_flight)
 
@@ -136,12 +143,13 @@ class GrpcApp:
     async def wait_and_drain(self) -> None:
         """Block until SIGTERM/SIGINT, then drain and stop."""
         await self._stop.wait()
-        log.info("draining: refusing new calls, %.1fs grace for calls in flight", self.grace)
+        self.log.info("draining: refusing new calls, %.1fs grace for calls in flight",
+                      self.grace)
         for hook in self.on_drain:
             hook()
         await self.set_serving(False)
         await self.server.stop(self.grace)
-        log.info("stopped")
+        self.log.info("stopped")
 
     def request_stop(self) -> None:
         self._stop.set()

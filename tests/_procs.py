@@ -65,7 +65,7 @@ class Process:
             self._log.flush()
         return self.log_path.read_text(errors="replace")
 
-    def wait_healthy(self, address: str, timeout: float = 180.0, service: str = "") -> None:
+    def wait_healthy(self, address: str, timeout: float = 600.0, service: str = "") -> None:
         """Wait until health reports SERVING; fail with the process's output otherwise."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
