@@ -115,9 +115,8 @@ def report(args: argparse.Namespace, warm: dict, run: dict, sampler: RssSampler,
         "",
         f"Goals {'met' if ok else 'MISSED'}.",
         "",
-        f"RSS over time ({len(sampler.samples)} samples, one every {args.every:g} s; "
-        f"{len(range(0, len(sampler.samples), max(1, len(sampler.samples) // 12)))} shown "
-        "and the last):",
+        f"RSS over time ({len(sampler.samples)} samples, one every {args.every:g} s; one in "
+        f"{max(1, len(sampler.samples) // 12)} shown, and the last):",
         "",
         "| s | phase | RSS MB |",
         "|---|---|---|",
