@@ -157,7 +157,7 @@ class UniformRandomConvex(UniformRandomConcave):
     _kind = CONVEX
 
 
-class RankingPreservingUniformRandom(_KeyedNoise):
+class RankingPreservingUniformRandom(UniformRandom):
     """Uniform Random whose perturbed values are handed back in the input's class order.
 
     The largest perturbed value goes to the input's top class (numpy.argmax order for
@@ -168,14 +168,6 @@ class RankingPreservingUniformRandom(_KeyedNoise):
     name = "ranking_preserving_uniform_random"
     preserves_top1 = True
     _kind = RANKED
-
-    def __init__(self, beta: float = 0.5, *, secret: bytes = b""):
-        self.beta = positive("beta", beta)
-        super().__init__(secret)
-
-    @property
-    def params(self) -> dict[str, float]:
-        return {"beta": self.beta}
 
 
 class GaussianNoise(_KeyedNoise):
