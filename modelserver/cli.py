@@ -2,18 +2,20 @@
 
 Runs with no arguments: an empty model store gets the default models `mnist` (protected)
 and `mnist-open` (unprotected), trained once and cached. Flags win over environment
-variables (STEALGUARD_MODELSERVER_LISTEN, STEALGUARD_SIDECAR, STEALGUARD_SIDECAR_TIMEOUT,
-STEALGUARD_MODEL_STORE). A bad flag is one line naming it, exit 2.
+variables (`stealguard.modelserver.config.ENV`: STEALGUARD_MODELSERVER_LISTEN,
+STEALGUARD_SIDECAR, STEALGUARD_SIDECAR_*, STEALGUARD_MODEL_STORE and
+STEALGUARD_MODELSERVER_<FLAG> for the security, limit and metrics flags). A bad flag is one
+line naming it, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
-from stealguard.modelserver.config import ServerConfig, config_from
+from stealguard.modelserver.config import DEFAULT_METRICS_PORT, ServerConfig, config_from
+from stealguard.server.cli import add_server_flags, configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sidecar-timeout", dest="sidecar_timeout",
                         help="seconds to wait for the sidecar before answering label-only "
                         f"(default {defaults.sidecar_timeout})")
+    parser.add_argument("--sidecar-tls-ca", dest="sidecar_tls_ca",
+                        help="CA (PEM) that signed the sidecar's certificate: call it over TLS")
+    parser.add_argument("--sidecar-tls-cert", dest="sidecar_tls_cert",
+                        help="client certificate (PEM) for mutual TLS with the sidecar")
+    parser.add_argument("--sidecar-tls-key", dest="sidecar_tls_key",
+                        help="client private key (PEM) for mutual TLS with the sidecar")
+    parser.add_argument("--sidecar-token-file", dest="sidecar_token_file",
+                        help="file holding the one bearer token to send to the sidecar")
     parser.add_argument("--model-store", dest="model_store",
                         help=f"directory of model manifests (default {defaults.model_store}); "
                         "an empty one gets the default models")
@@ -36,11 +46,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"threads per forward pass (default {defaults.torch_threads})")
     parser.add_argument("--max-batch", dest="max_batch", type=int,
                         help=f"most samples in one request (default {defaults.max_batch})")
+    parser.add_argument("--metrics-port", dest="metrics_port",
+                        help=f"Prometheus metrics port (default {DEFAULT_METRICS_PORT}, "
+                        "skipped with a warning when taken; 0 disables)")
     parser.add_argument("--prepare", action="store_true",
                         help="create the default models in the store (training once), then exit")
     parser.add_argument("--log-level", dest="log_level", default="info",
                         choices=["debug", "info", "warning", "error"], help="default info")
+    add_server_flags(parser)
     return parser
+
+
+def check_security(config: ServerConfig) -> None:
+    """Read every certificate and token now, so that a bad one is a one-line error at start."""
+    from stealguard.client import channel_credentials
+    from stealguard.server.security import Tokens, server_credentials
+
+    server_credentials(config)
+    if config.token_file:
+        Tokens.from_file(config.token_file)
+    channel_credentials(config.sidecar_tls_ca, config.sidecar_tls_cert, config.sidecar_tls_key)
+    config.read_sidecar_token()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,13 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_from(args)
+        check_security(config)
     except ValueError as error:
         parser.exit(2, f"stealguard-modelserver: error: {error}\n")
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, config.json_logs)
     # Imported here: torch and grpc load only once the flags are known to be good.
     from stealguard.modelserver.server import prepare_store, run_modelserver
     from stealguard.modelserver.store import ManifestError

@@ -3,7 +3,8 @@
     preprocess   the request's `data` (PNG or .npy) → a float32 batch (inputs.py)
     inference    the torch module → logits → softmax in float64 → probabilities
     protect      the sidecar (`stealguard.client.protect_async`, fail-closed: if the sidecar
-                 cannot answer, label-only one-hot rows, never the raw probabilities);
+                 cannot answer within min(--sidecar-timeout, what is left of the caller's
+                 deadline), label-only one-hot rows, never the raw probabilities);
                  skipped for a model whose policy is `none`
     postprocess  JSON: the probability vector, or a list of vectors for a batch
 
@@ -14,18 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from pathlib import Path
 
 import numpy as np
 import torch
-from stealguard.client import AsyncDefenseClient, protect_async
+from stealguard.client import AsyncDefenseClient, SidecarError, label_only, protect_async
 from stealguard.modelserver.inputs import InputError, decode_input
+from stealguard.modelserver.metrics import Recorder
 from stealguard.modelserver.store import ModelSpec, UnknownModel
 
 INFERENCE_CHUNK = 256  # rows per forward pass, so a large batch cannot exhaust memory
 DATA_KEYS = ("data", "body")  # TorchServe's handlers read either key
+
+log = logging.getLogger("stealguard.modelserver")
 
 
 class Handler:
@@ -33,7 +39,7 @@ class Handler:
 
     def __init__(self, spec: ModelSpec, module: torch.nn.Module,
                  sidecar: AsyncDefenseClient | None, executor: Executor | None = None,
-                 max_batch: int = 1024):
+                 max_batch: int = 1024, recorder: Recorder | None = None):
         if spec.protected and sidecar is None:
             raise ValueError(f"model {spec.name!r} has policy {spec.policy!r}: it needs a sidecar")
         self.spec = spec
@@ -41,6 +47,7 @@ class Handler:
         self.sidecar = sidecar
         self.executor = executor
         self.max_batch = max_batch
+        self.recorder = recorder or Recorder(enabled=False)
 
     def preprocess(self, inputs: Mapping[str, bytes]) -> tuple[np.ndarray, bool]:
         """The request's input map → (float32 batch (N, *input_shape), is_batch)."""
@@ -68,11 +75,33 @@ class Handler:
                                f"its manifest lists {len(self.spec.labels)} labels")
         return probs
 
-    async def protect(self, probs: np.ndarray) -> np.ndarray:
-        """The sidecar's perturbation of `probs`, failing closed; identity for policy none."""
+    async def protect(self, probs: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """The sidecar's perturbation of `probs`, failing closed; identity for policy none.
+
+        `deadline` is the caller's, in `time.monotonic()` seconds: the sidecar gets
+        min(its timeout, the time left), so the model server never waits for the sidecar
+        longer than its caller waits for the answer. Every failure (an error status,
+        no answer in time) gives label-only rows, counted by the sidecar's status code.
+        """
         if not self.spec.protected:
             return probs
-        return await protect_async(self.sidecar, probs, model=self.spec.policy)
+        budget = self.sidecar.timeout
+        if deadline is not None:
+            budget = min(budget, deadline - time.monotonic())
+        try:
+            if budget <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(budget):
+                return await protect_async(self.sidecar, probs, model=self.spec.policy,
+                                           on_error="raise")
+        except SidecarError as error:
+            code, reason = error.code.name, str(error)
+        except TimeoutError:
+            code, reason = "DEADLINE_EXCEEDED", f"no answer within {max(budget, 0):.3f}s"
+        log.warning("sidecar failed (%s) for model %r: answering label-only", reason,
+                    self.spec.name)
+        self.recorder.fail_closed(self.spec.name, code)
+        return label_only(probs)
 
     def postprocess(self, probs: np.ndarray, is_batch: bool) -> bytes:
         """JSON: one probability vector, or a list of them for a batch."""
@@ -82,14 +111,20 @@ class Handler:
         batch, is_batch = self.preprocess(inputs)
         return self.inference(batch), is_batch
 
-    async def handle(self, inputs: Mapping[str, bytes]) -> bytes:
-        """Run the pipeline. Raises InputError for input the model cannot take."""
+    async def handle(self, inputs: Mapping[str, bytes], deadline: float | None = None,
+                     client: str = "anonymous") -> bytes:
+        """Run the pipeline. Raises InputError for input the model cannot take.
+
+        `deadline`: the caller's (see `protect`); `client`: its name, for per-client rows.
+        """
         loop = asyncio.get_running_loop()
         # decoding and the forward pass run off the event loop (torch releases the GIL)
         probs, is_batch = await loop.run_in_executor(
             self.executor, self._preprocess_and_infer, inputs
         )
-        return self.postprocess(await self.protect(probs), is_batch)
+        returned = await self.protect(probs, deadline)
+        self.recorder.answer(self.spec.name, client, probs, returned, self.spec.protected)
+        return self.postprocess(returned, is_batch)
 
 
 def load_module(spec: ModelSpec) -> torch.nn.Module:
@@ -108,14 +143,16 @@ class Models:
     """The handlers of every model in a store, found by name (and optional version)."""
 
     def __init__(self, specs: Mapping[str, ModelSpec], sidecar: AsyncDefenseClient | None,
-                 executor: Executor | None = None, max_batch: int = 1024):
+                 executor: Executor | None = None, max_batch: int = 1024,
+                 recorder: Recorder | None = None):
         modules: dict[Path, torch.nn.Module] = {}  # models that share weights share a module
         self.handlers: dict[str, Handler] = {}
         for name, spec in specs.items():
             key = spec.weights.resolve()
             if key not in modules:
                 modules[key] = load_module(spec)
-            self.handlers[name] = Handler(spec, modules[key], sidecar, executor, max_batch)
+            self.handlers[name] = Handler(spec, modules[key], sidecar, executor, max_batch,
+                                          recorder)
 
     def warm_up(self) -> None:
         """One forward pass per model, so the first request is not the slow one."""

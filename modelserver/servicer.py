@@ -8,8 +8,10 @@ does, so one bad request does not end the stream.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -17,7 +19,9 @@ from google.rpc import status_pb2
 from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc
 from stealguard.modelserver.handler import Models
 from stealguard.modelserver.inputs import InputError
+from stealguard.modelserver.metrics import Recorder
 from stealguard.modelserver.store import UnknownModel
+from stealguard.server.interceptors import CLIENT
 
 log = logging.getLogger("stealguard.modelserver")
 
@@ -34,18 +38,39 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
 
 
+class PredictionFailed(Exception):
+    """A prediction's error as the gRPC status the caller gets."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
     """Ping, Predictions, StreamPredictions and StreamPredictions2 over `Models`."""
 
-    def __init__(self, models: Models):
+    def __init__(self, models: Models, recorder: Recorder | None = None):
         self.models = models
+        self.recorder = recorder or Recorder(enabled=False)
 
     async def predict(
-        self, request: inference_pb2.PredictionsRequest
+        self, request: inference_pb2.PredictionsRequest, context
     ) -> inference_pb2.PredictionResponse:
-        """One prediction (raises the errors `status_of` maps)."""
-        handler = self.models.get(request.model_name, request.model_version)
-        prediction = await handler.handle(request.input)
+        """One prediction within the caller's deadline; raises `PredictionFailed`."""
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        with self.recorder.prediction(request.model_name) as outcome:
+            try:
+                handler = self.models.get(request.model_name, request.model_version)
+                prediction = await handler.handle(request.input, deadline, CLIENT.get())
+            except asyncio.CancelledError:
+                outcome.code = "CANCELLED"
+                raise
+            except Exception as error:  # noqa: BLE001 - every error becomes a status
+                code, message = status_of(error)
+                outcome.code = code.name
+                raise PredictionFailed(code, message) from error
         return _response(request, prediction=prediction)
 
     async def Ping(self, request, context):
@@ -53,25 +78,24 @@ class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
 
     async def Predictions(self, request, context):
         try:
-            return await self.predict(request)
-        except Exception as error:  # noqa: BLE001 - every error becomes a status
-            await context.abort(*status_of(error))
+            return await self.predict(request, context)
+        except PredictionFailed as failed:
+            await context.abort(failed.code, failed.message)
 
     async def StreamPredictions(self, request, context) -> AsyncIterator:
         # our handlers answer in one piece: the stream holds one response
         try:
-            response = await self.predict(request)
-        except Exception as error:  # noqa: BLE001 - every error becomes a status
-            await context.abort(*status_of(error))
+            response = await self.predict(request, context)
+        except PredictionFailed as failed:
+            await context.abort(failed.code, failed.message)
         yield response
 
     async def StreamPredictions2(self, request_iterator, context) -> AsyncIterator:
         async for request in request_iterator:
             try:
-                yield await self.predict(request)
-            except Exception as error:  # noqa: BLE001 - reported in this response's status
-                code, message = status_of(error)
-                status = status_pb2.Status(code=code.value[0], message=message)
+                yield await self.predict(request, context)
+            except PredictionFailed as failed:  # reported in this response's status
+                status = status_pb2.Status(code=failed.code.value[0], message=failed.message)
                 yield _response(request, status=status)
 
 
