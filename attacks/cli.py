@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--architecture", default="allconv", help="the stolen model's")
     run.add_argument("--beta", type=float, default=None, help="for same-layer (defense-aware)")
     run.add_argument("--gamma", type=float, default=None, help="for same-layer (defense-aware)")
-    run.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    run.add_argument("--timeout", type=float, default=30.0,
+                     help="seconds to connect and per request of 100 inputs (default 30)")
     run.add_argument("--quick", action="store_true", help="short training (for tests)")
     run.add_argument("--seed", type=int, default=0)
     return parser
@@ -218,6 +219,8 @@ def _model_from_store(store: Path, name: str, ds):
     if tuple(spec.input_shape) != tuple(ds.input_shape):
         raise UsageError(f"--dataset: model {name!r} takes input {list(spec.input_shape)}, "
                          f"dataset {ds.name} has {list(ds.input_shape)}")
+    if spec.architecture == "torchscript":
+        return torch.jit.load(str(spec.weights)).eval()
     model = build_model(spec.architecture, spec.input_shape, len(spec.labels))
     model.load_state_dict(torch.load(spec.weights, weights_only=True))
     return model.eval()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -89,14 +90,16 @@ class RemoteOracle(Oracle):
     batch in input "data"; the `prediction` is a JSON list of probability vectors.
     Raises OracleError naming the target if it cannot be reached within `timeout` seconds."""
 
+    RETRIES = 2
+
     def __init__(
         self,
         target: str,
         model_name: str,
         budget: int,
         *,
-        timeout: float = 10.0,
-        batch_size: int = 200,
+        timeout: float = 30.0,
+        batch_size: int = 100,
     ):
         import grpc
         from stealguard.compat.torchserve import inference_pb2_grpc
@@ -137,17 +140,29 @@ class RemoteOracle(Oracle):
             request = inference_pb2.PredictionsRequest(
                 model_name=self.model_name, input={"data": encode_npy(batch)}
             )
-            try:
-                reply = self._stub.Predictions(request, timeout=self.timeout + 0.01 * len(batch))
-            except self._grpc.RpcError as e:
-                code = e.code()
-                if code == self._grpc.StatusCode.NOT_FOUND:
-                    raise OracleError(f"model {self.model_name!r} not found at {self.target}: "
-                                      f"{e.details()}") from None
-                raise OracleError(f"{self.target} answered {code.name} for model "
-                                  f"{self.model_name!r}: {e.details()}") from None
+            reply = self._predict(request, len(batch))
             rows.append(self._decode(reply.prediction, len(batch)))
         return np.concatenate(rows)
+
+    def _predict(self, request, n: int):
+        """One Predictions call; a busy server (UNAVAILABLE, DEADLINE_EXCEEDED) is retried
+        up to RETRIES times with a growing deadline: the same inputs, so no extra queries."""
+        grpc = self._grpc
+        for attempt in range(self.RETRIES + 1):
+            try:
+                return self._stub.Predictions(
+                    request, timeout=(self.timeout + 0.01 * n) * (attempt + 1))
+            except grpc.RpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.NOT_FOUND:
+                    raise OracleError(f"model {self.model_name!r} not found at {self.target}: "
+                                      f"{e.details()}") from None
+                retry = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                if not retry or attempt == self.RETRIES:
+                    raise OracleError(f"{self.target} answered {code.name} for model "
+                                      f"{self.model_name!r}: {e.details()}") from None
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def _decode(self, prediction: bytes, n: int) -> np.ndarray:
         try:

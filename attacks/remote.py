@@ -32,7 +32,7 @@ def _answers(target: str, model: str, x, timeout: float):
 
 def run_remote(*, target: str, models: list[str], strategies: list[str], budgets: list[int],
                baseline_model: str, dataset: str = "mnist", architecture: str = "allconv",
-               beta: float | None = None, gamma: float | None = None, timeout: float = 10.0,
+               beta: float | None = None, gamma: float | None = None, timeout: float = 30.0,
                quick: bool = False, seed: int = 0,
                log: Callable[[str], None] = print) -> dict:
     """Attack every model in `models` with every strategy at every budget. Raises

@@ -184,3 +184,31 @@ def test_unknown_model_is_one_line_and_nonzero(server, tmp_path):
     assert result.returncode == 1
     assert "model 'nope' not found" in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_calibrate_a_model_store_model_prints_the_sidecar_policy(tmp_path):
+    import torch
+    import yaml
+    from stealguard.attacks.architectures import build_model
+    from stealguard.attacks.training import TrainConfig, train
+
+    iris = load_dataset("iris", seed=0)
+    torch.manual_seed(0)
+    model = train(build_model("logreg", (4,), 3), iris.base_x, np.eye(3)[iris.base_y],
+                  TrainConfig(epochs=300, min_steps=0, batch_size=16, lr=0.05))
+    torch.save(model.state_dict(), tmp_path / "iris.pt")
+    (tmp_path / "flowers.yaml").write_text(yaml.safe_dump({
+        "version": "1.0", "architecture": "logreg", "weights": "iris.pt",
+        "input_shape": [4], "labels": ["setosa", "versicolor", "virginica"],
+        "policy": "flowers"}))
+    result = attack("calibrate", "--dataset", "iris", "--model-store", str(tmp_path),
+                    "--model", "flowers", "--quick", "--beta", "0.5,1.5", "--gamma", "0.3")
+    assert result.returncode == 0, result.stderr
+    doc = yaml.safe_load(result.stdout)
+    policy = doc["policies"]["flowers"]
+    assert policy["defense"] == "reverse_sigmoid" and policy["preserve_top1"] is True
+    assert policy["beta"] in (0.5, 1.5) and policy["gamma"] == 0.3
+    assert result.stdout.startswith("# stealguard-attack calibrate: Sample budget 60")
+    missing = attack("calibrate", "--dataset", "iris", "--model-store", str(tmp_path),
+                     "--model", "tulips", "--quick")
+    assert missing.returncode == 2 and "no model 'tulips' in the model store" in missing.stderr
