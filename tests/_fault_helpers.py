@@ -8,6 +8,9 @@ An answer of `mnist` to a real MNIST image is one of:
     raw         `mnist-open`'s raw output itself: a leak
     other       anything else (also a failure)
     error       the call failed (allowed: no probabilities were returned)
+
+A batch answer is of one kind in every row, checked against `mnist-open`'s answer to the
+same batch; anything mixed is `other`.
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ from _modelserver_helpers import (
 from _procs import Process, script, start_sidecar
 from stealguard.client import DefenseClient
 
+BATCH = 4  # images per call of the batch caller
+
 
 @dataclass(frozen=True)
 class Answer:
     start: float  # time.monotonic() when the call was sent
     end: float  # ... and when its answer (or error) came back
-    image: int
+    caller: int  # 0 sends batches, the others single images
+    call: int  # index in the caller's list of calls
     kind: str  # protected | label | raw | other | error
     detail: str = ""
 
@@ -56,6 +62,26 @@ def classify(answer: np.ndarray, raw: np.ndarray, protected: np.ndarray) -> str:
     return "other"
 
 
+@dataclass(frozen=True)
+class Call:
+    """One Predictions request of `mnist` and the references its answer is checked against:
+    `mnist-open`'s answer to the same bytes, and the sidecar's perturbation of it."""
+
+    data: bytes  # .npy of one image (1, 28, 28) or of a batch (n, 1, 28, 28)
+    raw: np.ndarray  # (classes,) or (n, classes)
+    protected: np.ndarray
+
+    def classify(self, answer: np.ndarray) -> str:
+        """The kind of `answer`; a batch answer must be of one kind in every row."""
+        if answer.shape != self.raw.shape:
+            return "other"
+        kinds = {classify(a, r, p) for a, r, p in zip(np.atleast_2d(answer),
+                                                     np.atleast_2d(self.raw),
+                                                     np.atleast_2d(self.protected),
+                                                     strict=True)}
+        return kinds.pop() if len(kinds) == 1 else "other"
+
+
 @dataclass
 class Stack:
     """A model server (sidecar timeout 0.5 s) and a sidecar on a fixed port."""
@@ -66,8 +92,8 @@ class Stack:
     modelserver: Process = None
     address: str = ""
     images: np.ndarray = None  # real MNIST test images whose answers tell the kinds apart
-    raw: np.ndarray = None  # mnist-open's answer for each image
-    protected: np.ndarray = None  # the sidecar's perturbation of each raw answer
+    singles: list[Call] = field(default_factory=list)  # one call per image
+    batches: list[Call] = field(default_factory=list)  # calls of BATCH images each
     sidecars: list[Process] = field(default_factory=list)
 
     @property
@@ -84,15 +110,23 @@ class Stack:
         images = mnist_test_images(candidates)
         client = TorchServeClient(self.address)
         with DefenseClient(self.sidecar_address, timeout=30) as defense:
-            raw = np.stack([client.predict("mnist-open", npy_bytes(i)) for i in images])
-            protected = defense.perturb(raw, model="mnist")
+            def call(data: bytes) -> Call:
+                raw = client.predict("mnist-open", data)
+                return Call(data, raw, defense.perturb(raw, model="mnist"))
+
+            singles = [call(npy_bytes(image)) for image in images]
+            # keep images whose three possible answers are far apart
+            chosen = [n for n, c in enumerate(singles)
+                      if c.raw.max() < 1 - 1e-6 and np.abs(c.protected - c.raw).max() > 0.05
+                      and np.abs(c.protected - np.eye(10)[c.raw.argmax()]).max() > 0.05][:keep]
+            assert len(chosen) >= 8, "too few MNIST test images give distinguishable answers"
+            self.images = images[chosen]
+            self.singles = [singles[n] for n in chosen]
+            # a batch gets its own references: a forward pass over a batch may differ from
+            # single-image passes in the last bits
+            self.batches = [call(npy_bytes(self.images[i:i + BATCH]))
+                            for i in range(0, len(chosen) - BATCH + 1, BATCH)]
         client.close()
-        # keep images whose three possible answers are far apart
-        distinct = ((raw.max(1) < 1 - 1e-6) & (np.abs(protected - raw).max(1) > 0.05)
-                    & (np.abs(protected - np.eye(10)[raw.argmax(1)]).max(1) > 0.05))
-        chosen = np.flatnonzero(distinct)[:keep]
-        assert len(chosen) >= 8, "too few MNIST test images give distinguishable answers"
-        self.images, self.raw, self.protected = images[chosen], raw[chosen], protected[chosen]
 
     def restart_sidecar(self) -> float:
         """A new sidecar on the same port, waited for; returns when it became SERVING."""
@@ -123,8 +157,9 @@ def wait_stopped(pid: int, timeout: float = 5.0) -> None:
 
 
 class Recorder:
-    """`callers` threads asking the model server's `mnist` for one image at a time, each
-    answer classified against the stack's references; plus stealguard-load for the load."""
+    """`callers` threads asking the model server's `mnist` for real MNIST images (one
+    caller in batches of BATCH), each answer classified against the stack's references;
+    plus stealguard-load for the load."""
 
     def __init__(self, stack: Stack, callers: int = 3, load_seconds: float = 0,
                  payload: Path | None = None):
@@ -158,23 +193,26 @@ class Recorder:
             self.load.wait()
 
     def _caller(self, number: int) -> None:
-        stack = self.stack
-        requests = [npy_bytes(image) for image in stack.images]
-        client = TorchServeClient(stack.address)
+        """Caller 0 sends batches of BATCH images, the others one image per call."""
+        calls = self.stack.batches if number == 0 else self.stack.singles
+        client = TorchServeClient(self.stack.address)
         count = number
         while not self._stop.is_set():
-            image = count % len(requests)
+            index = count % len(calls)
             count += 1
             start = time.monotonic()
             try:
-                answer = client.predict("mnist", requests[image], timeout=30)
-                kind, detail = classify(answer, stack.raw[image], stack.protected[image]), ""
+                answer = client.predict("mnist", calls[index].data, timeout=30)
+                kind, detail = calls[index].classify(answer), ""
                 if kind in ("raw", "other"):
                     detail = np.array2string(answer, precision=4)
             except grpc.RpcError as error:
                 kind, detail = "error", f"{error.code().name}: {error.details()}"
+            except Exception as error:  # noqa: BLE001 - an answer that is not JSON numbers
+                kind, detail = "other", repr(error)
             with self._lock:
-                self.answers.append(Answer(start, time.monotonic(), image, kind, detail))
+                self.answers.append(Answer(start, time.monotonic(), number, index,
+                                           kind, detail))
         client.close()
 
     def count(self, kind: str, since: float = 0.0) -> int:
