@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sidecar",
                         help=f"address of the stealguard sidecar (default {defaults.sidecar})")
     parser.add_argument("--sidecar-timeout", dest="sidecar_timeout",
-                        help="seconds to wait for the sidecar before answering label-only "
+                        help="seconds to wait for the sidecar, cut to what is left of the "
+                        "caller's deadline, before answering label-only "
                         f"(default {defaults.sidecar_timeout})")
     parser.add_argument("--sidecar-tls-ca", dest="sidecar_tls_ca",
                         help="CA (PEM) that signed the sidecar's certificate: call it over TLS")

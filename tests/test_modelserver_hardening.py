@@ -256,3 +256,23 @@ def test_environment_names_configure_the_model_server(tmp_path):
     assert config.listen == "127.0.0.1:7070"
     assert config.max_message_bytes == 64 * 1024 * 1024
 
+
+
+def test_metrics_port_asked_for_must_be_free_the_default_one_is_skipped(caplog):
+    from stealguard.modelserver.config import DEFAULT_METRICS_PORT, ServerConfig
+    from stealguard.modelserver.server import serve_metrics
+
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"--metrics-port {port}: cannot serve metrics"):
+            serve_metrics(ServerConfig(metrics_port=port))
+    with socket.socket() as default:
+        try:  # hold the default port; if another process holds it, it is taken all the same
+            default.bind(("", DEFAULT_METRICS_PORT))
+            default.listen()
+        except OSError:
+            pass
+        assert serve_metrics(ServerConfig()) == 0
+    assert f"metrics off: default port {DEFAULT_METRICS_PORT} is taken" in caplog.text
