@@ -262,13 +262,15 @@ def check_answer(case: Case, code: str, reply: defense_pb2.PerturbResponse | Non
     return None
 
 
-def _call(stub: defense_pb2_grpc.DefenseStub, index: int) -> tuple[Case, str | None]:
+def _call(stub: defense_pb2_grpc.DefenseStub, index: int) -> tuple[Case, str, str | None]:
+    """(the case, its status code, what is wrong with the answer or None)."""
     case = make_case(index)
     try:
         reply = stub.Perturb(case.request, timeout=30)
-        return case, check_answer(case, "OK", reply, "")
+        return case, "OK", check_answer(case, "OK", reply, "")
     except grpc.RpcError as error:
-        return case, check_answer(case, error.code().name, None, error.details() or "")
+        code = error.code().name
+        return case, code, check_answer(case, code, None, error.details() or "")
 
 
 def _stream(stub: defense_pb2_grpc.DefenseStub, number: int) -> tuple[int, list[str]]:
@@ -311,13 +313,15 @@ def test_generated_requests_get_ok_or_a_client_error_and_ok_answers_are_valid(fu
     process, address = fuzzed_sidecar
     options = [("grpc.max_receive_message_length", 8 * MAX_MESSAGE_BYTES)]
     start = time.monotonic()
+    kinds: Counter[str] = Counter()
     codes: Counter[str] = Counter()
     problems: list[str] = []
     with grpc.insecure_channel(address, options=options) as channel:
         stub = defense_pb2_grpc.DefenseStub(channel)
         with ThreadPoolExecutor(CALLERS) as pool:
-            for case, problem in pool.map(lambda i: _call(stub, i), range(REQUESTS)):
-                codes[case.kind] += 1
+            for case, code, problem in pool.map(lambda i: _call(stub, i), range(REQUESTS)):
+                kinds[case.kind] += 1
+                codes[code] += 1
                 if problem:
                     problems.append(problem)
             streamed = 0
@@ -326,7 +330,7 @@ def test_generated_requests_get_ok_or_a_client_error_and_ok_answers_are_valid(fu
                 problems += found
     elapsed = time.monotonic() - start
     print(f"fuzz: {REQUESTS} unary + {streamed} streamed requests in {elapsed:.1f}s, "
-          f"{len(problems)} problems; kinds {dict(codes)}")
+          f"{len(problems)} problems; statuses {dict(codes)}; kinds {dict(kinds)}")
     assert not problems, f"{len(problems)} wrong answers, first ones:\n" + "\n".join(problems[:10])
     assert streamed >= STREAMS  # every stream answered at least its first request
     assert process.popen.poll() is None, process.output()
