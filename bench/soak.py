@@ -174,9 +174,11 @@ def main() -> int:
         time.sleep(1.0)
         end = sampler.sample()
     finally:
-        sampler.stop()
-        if process is not None:
-            process.stop()
+        try:
+            sampler.stop()
+        finally:
+            if process is not None:
+                process.stop()
     text, ok = report(args, warm, run, sampler, after_warmup, end)
     print(text)
     out = os.environ.get("STEALGUARD_BENCH_JSON")
