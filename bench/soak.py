@@ -161,7 +161,11 @@ def main() -> int:
         target, pid = args.target, args.pid
     else:
         process, target = start_sidecar(wait=False)
-        process.wait_healthy(target, timeout=STARTUP_TIMEOUT)
+        try:
+            process.wait_healthy(target, timeout=STARTUP_TIMEOUT)
+        except Exception:
+            process.stop()
+            raise
         pid = process.pid
     sampler = RssSampler(pid, args.every)
     try:
