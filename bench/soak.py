@@ -103,7 +103,7 @@ def report(args: argparse.Namespace, warm: dict, run: dict, sampler: RssSampler,
         f"| calls (measured run) | {run['requests']:,} | |",
         f"| errors (warm-up + run) | {errors}"
         f"{' ' + json.dumps(codes) if codes else ''} | {MAX_ERRORS} |",
-        f"| duration | {run['duration_s']:.0f} s | |",
+        f"| duration | {run['duration_s']:.1f} s | |",
         f"| throughput | {run['rps']:.0f} calls/s | |",
         f"| latency p50 / p99 / max | {lat['p50']:.2f} / {lat['p99']:.2f} / "
         f"{lat['max']:.2f} ms | |",
