@@ -7,7 +7,8 @@ dimension or an unknown dtype must be refused, too many rows is RESOURCE_EXHAUST
 asserted. Every OK answer has the request's shape and dtype, finite values in [0, 1] and
 rows that sum to 1, and echoes the request id and the policy that applied. The sidecar is
 alive and SERVING at the end. Each request is rebuilt from (SEED, index), so a failure
-names the one request to replay.
+names the one request to replay. Wire bytes that do not parse as the request message are
+INVALID_ARGUMENT at the sidecar, the model server and the proxy alike.
 """
 
 from __future__ import annotations
@@ -368,3 +369,46 @@ def test_bytes_that_are_not_a_perturb_request_are_invalid_argument(fuzzed_sideca
                 assert "<class" not in (error.details() or ""), error.details()
     assert codes["INVALID_ARGUMENT"] > 200
     assert health_status(address) == "SERVING"
+
+
+UNPARSEABLE = (b"\x0a\x02\xff\xfe", b"\xff\xff\xff")  # a string field that is not UTF-8; junk
+
+UPSTREAM_APIS = {  # the inference APIs in front of the model: the same rule holds
+    "modelserver": "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions",
+    "proxy-torchserve": "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions",
+    "proxy-v2": "/inference.GRPCInferenceService/ModelInfer",
+}
+
+
+@pytest.mark.parametrize("server", sorted(UPSTREAM_APIS))
+def test_bytes_that_do_not_parse_are_invalid_argument_at_the_model_server_and_proxy(
+        server, tmp_path):
+    """The model server's and the proxy's inference APIs treat unparseable request bytes
+    like the sidecar does: INVALID_ARGUMENT with the reason (today: UNKNOWN)."""
+    from _modelserver_helpers import start_modelserver
+    from _proxy_helpers import start_proxy
+    from stealguard.modelserver.training import trained_model
+
+    if server == "modelserver":
+        trained_model()  # cached once per machine
+        process, address = start_modelserver("127.0.0.1:1", tmp_path / "store")
+    else:
+        config = tmp_path / "proxy.yaml"
+        config.write_text(CONFIG)
+        process, address = start_proxy(server.removeprefix("proxy-"), "127.0.0.1:1",
+                                       str(config), wait=False)  # no upstream: never SERVING
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while health_status(address) == "UNREACHABLE":  # listening is enough: no model runs
+            assert process.popen.poll() is None and time.monotonic() < deadline, \
+                process.output()
+            time.sleep(0.2)
+        with grpc.insecure_channel(address) as channel:
+            call = channel.unary_unary(UPSTREAM_APIS[server])
+            for payload in UNPARSEABLE:
+                with pytest.raises(grpc.RpcError) as error:
+                    call(payload, timeout=30)
+                assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (
+                    f"{payload!r}: {error.value.code().name} ({error.value.details()})")
+    finally:
+        process.stop()
