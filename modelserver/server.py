@@ -20,6 +20,7 @@ from stealguard.modelserver.metrics import Recorder
 from stealguard.modelserver.servicer import InferenceServicer
 from stealguard.modelserver.store import ensure_default_models, read_store
 from stealguard.server import metrics
+from stealguard.server.lenient import add_lenient
 from stealguard.server.server import GrpcApp
 
 log = logging.getLogger("stealguard.modelserver")
@@ -81,9 +82,8 @@ async def run_modelserver(config: ServerConfig) -> None:
         models = Models(specs, sidecar, executor, config.max_batch, recorder)
         models.warm_up()
         app = GrpcApp.from_config(config, [INFERENCE_SERVICE], logger=log)
-        inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(
-            InferenceServicer(models, recorder), app.server
-        )
+        add_lenient(inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server,
+                    InferenceServicer(models, recorder), app.server)
         port = await app.start()
         await app.set_serving(True)
         host = config.listen.rsplit(":", 1)[0]

@@ -25,10 +25,11 @@ from stealguard.server import metrics
 from stealguard.server.config import Config, ConfigError
 from stealguard.server.defenses import warm_up
 from stealguard.server.interceptors import GuardInterceptor, RateLimiter
+from stealguard.server.lenient import add_lenient
 from stealguard.server.policies import PolicySet
 from stealguard.server.security import Tokens, server_credentials
-from stealguard.server.servicer import DefenseServicer, add_to_server
-from stealguard.v1 import defense_pb2
+from stealguard.server.servicer import DefenseServicer
+from stealguard.v1 import defense_pb2, defense_pb2_grpc
 
 log = logging.getLogger("stealguard.sidecar")
 
@@ -166,7 +167,7 @@ async def run_sidecar(config: Config, *, reuse_port: bool = False,
     servicer = DefenseServicer(policies, max_rows=config.max_rows,
                                with_metrics=config.metrics_port > 0)
     app = GrpcApp.from_config(config, [DEFENSE_SERVICE], reuse_port=reuse_port)
-    add_to_server(servicer, app.server)
+    add_lenient(defense_pb2_grpc.add_DefenseServicer_to_server, servicer, app.server)
 
     def refuse() -> None:
         servicer.not_serving = "the sidecar is draining; retry on another instance"

@@ -10,7 +10,6 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf.message import DecodeError
 from stealguard.server import metrics
 from stealguard.server.codec import CodecError, RowLimitError, array_to_tensor, tensor_to_array
 from stealguard.server.interceptors import CLIENT
@@ -18,46 +17,6 @@ from stealguard.server.policies import PolicySet, UnknownModel
 from stealguard.v1 import defense_pb2, defense_pb2_grpc
 
 log = logging.getLogger("stealguard.sidecar")
-
-
-class UnreadableRequest:
-    """What the lenient deserializer hands the servicer for bytes that do not parse."""
-
-    def __init__(self, error: Exception):
-        self.error = error
-
-
-def _lenient(parse):
-    """A request deserializer that turns a DecodeError into an `UnreadableRequest`, so the
-    caller gets INVALID_ARGUMENT with the reason instead of gRPC's bare UNKNOWN."""
-
-    def deserialize(data: bytes):
-        try:
-            return parse(data)
-        except DecodeError as error:
-            return UnreadableRequest(error)
-
-    return deserialize
-
-
-def add_to_server(servicer: DefenseServicer, server) -> None:
-    """Register `servicer` like the generated `add_DefenseServicer_to_server`, but with
-    request parsing errors answered as INVALID_ARGUMENT."""
-    parse = _lenient(defense_pb2.PerturbRequest.FromString)
-    reply = defense_pb2.PerturbResponse.SerializeToString
-    handlers = {
-        "Perturb": grpc.unary_unary_rpc_method_handler(
-            servicer.Perturb, request_deserializer=parse, response_serializer=reply),
-        "PerturbStream": grpc.stream_stream_rpc_method_handler(
-            servicer.PerturbStream, request_deserializer=parse, response_serializer=reply),
-        "ListPolicies": grpc.unary_unary_rpc_method_handler(
-            servicer.ListPolicies,
-            request_deserializer=_lenient(defense_pb2.ListPoliciesRequest.FromString),
-            response_serializer=defense_pb2.ListPoliciesResponse.SerializeToString),
-    }
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("stealguard.v1.Defense", handlers),))
-    server.add_registered_method_handlers("stealguard.v1.Defense", handlers)
 
 
 class NotServing(RuntimeError):
@@ -93,9 +52,6 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
         """Protect one request's probabilities (raises the errors `status_of` maps)."""
         if self.not_serving:
             raise NotServing(self.not_serving)
-        if isinstance(request, UnreadableRequest):
-            raise CodecError(f"the request is not a valid stealguard.v1.PerturbRequest: "
-                             f"{request.error}")
         policy = self.policies.resolve(request.model)
         probabilities = tensor_to_array(request.probabilities, max_rows=self.max_rows)
         protected = policy.apply(probabilities, logits=request.logits)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 from google.protobuf import empty_pb2
 from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc
+from stealguard.server.lenient import add_lenient
 from stealguard.server.proxy import errors
 from stealguard.server.proxy.base import ProxyServicer
 from stealguard.server.proxy.options import ProxyPolicy
@@ -28,7 +29,7 @@ class TorchServeProxy(ProxyServicer, inference_pb2_grpc.InferenceAPIsServiceServ
     stub_class = inference_pb2_grpc.InferenceAPIsServiceStub
 
     def add_to(self, server) -> None:
-        inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(self, server)
+        add_lenient(inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server, self, server)
 
     async def upstream_ready(self, timeout: float) -> bool:
         """True if the upstream's Ping answers and does not report itself unhealthy."""

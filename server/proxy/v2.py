@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from stealguard.compat.kserve import grpc_predict_v2_pb2 as v2
 from stealguard.compat.kserve import grpc_predict_v2_pb2_grpc as v2_grpc
+from stealguard.server.lenient import add_lenient
 from stealguard.server.proxy import errors
 from stealguard.server.proxy.base import ProxyServicer
 from stealguard.server.proxy.tensors import protect_outputs
@@ -23,7 +24,7 @@ class V2Proxy(ProxyServicer, v2_grpc.GRPCInferenceServiceServicer):
     stub_class = v2_grpc.GRPCInferenceServiceStub
 
     def add_to(self, server) -> None:
-        v2_grpc.add_GRPCInferenceServiceServicer_to_server(self, server)
+        add_lenient(v2_grpc.add_GRPCInferenceServiceServicer_to_server, self, server)
 
     async def upstream_ready(self, timeout: float) -> bool:
         """The upstream's own `ServerReady`."""
