@@ -82,6 +82,17 @@ def configure_logging(level: str, json_logs: bool = False) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
+def check_before_fork(config, build_policies) -> None:
+    """Fail before any worker exists: policies (built with `build_policies(specs, secret)`),
+    certificates and tokens must all be readable and valid (ConfigError otherwise)."""
+    from stealguard.server.security import Tokens, server_credentials
+
+    build_policies(config.policies, config.secret_bytes())
+    server_credentials(config)
+    if config.token_file:
+        Tokens.from_file(config.token_file)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `stealguard-sidecar`; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else argv
@@ -98,14 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(config.log_level, config.json_logs)
         # Imported here: numba and grpc load only once the arguments are known to be good.
         from stealguard.server.policies import PolicySet
-        from stealguard.server.security import Tokens, server_credentials
         from stealguard.server.server import run_sidecar, serve_workers
 
-        # fail before forking: policies, certificates and tokens must all be readable
-        PolicySet.from_config(config.policies, config.secret_bytes())
-        server_credentials(config)
-        if config.token_file:
-            Tokens.from_file(config.token_file)
+        check_before_fork(config, PolicySet.from_config)
 
         def reload():
             """The same sources again (file, environment, flags) for SIGHUP."""

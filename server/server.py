@@ -155,6 +155,26 @@ class GrpcApp:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def reload_on_sighup(self, swap: Callable[[], str]) -> None:
+        """On SIGHUP call `swap()`, which installs new policies and names them for the log;
+        when it raises ConfigError or OSError the old policies stay (call after `start`)."""
+
+        def handle() -> None:
+            try:
+                names = swap()
+            except (ConfigError, OSError) as error:
+                self.log.error("SIGHUP: new config rejected, old policies stay: %s", error)
+                return
+            self.log.info("SIGHUP: policies reloaded: %s", names)
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, handle)
+
+    def serve_metrics(self, port: int) -> None:
+        """Serve Prometheus metrics on `port` when it is above 0."""
+        if port > 0:
+            metrics.serve(port)
+            self.log.info("metrics on :%d/metrics", port)
+
 
 async def run_sidecar(config: Config, *, reuse_port: bool = False,
                       reload: Callable[[], Config] | None = None) -> None:
@@ -173,23 +193,15 @@ async def run_sidecar(config: Config, *, reuse_port: bool = False,
         servicer.not_serving = "the sidecar is draining; retry on another instance"
         log.info("draining: %d calls in flight", servicer.in_flight)
 
-    def swap_policies() -> None:
-        try:
-            fresh = reload()
-            servicer.policies = PolicySet.from_config(fresh.policies, config.secret_bytes())
-        except (ConfigError, OSError) as error:
-            log.error("SIGHUP: new config rejected, old policies stay: %s", error)
-            return
-        log.info("SIGHUP: policies reloaded: %s",
-                 ", ".join(f"{p.name}={p.defense_name}" for p in servicer.policies))
+    def swap_policies() -> str:
+        servicer.policies = PolicySet.from_config(reload().policies, config.secret_bytes())
+        return ", ".join(f"{p.name}={p.defense_name}" for p in servicer.policies)
 
     app.on_drain.append(refuse)
     port = await app.start()
     if reload is not None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, swap_policies)
-    if config.metrics_port > 0:
-        metrics.serve(config.metrics_port)
-        log.info("metrics on :%d/metrics", config.metrics_port)
+        app.reload_on_sighup(swap_policies)
+    app.serve_metrics(config.metrics_port)
     host = config.listen.rsplit(":", 1)[0]
     log.info("listening on %s:%d (pid %d)%s, policies: %s", host, port, os.getpid(),
              " with TLS" if app.credentials else "",

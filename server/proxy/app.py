@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from collections.abc import Callable
 
-from stealguard.server import metrics
-from stealguard.server.config import Config, ConfigError
+from stealguard.server.config import Config
 from stealguard.server.defenses import warm_up
 from stealguard.server.proxy.errors import UpstreamError
 from stealguard.server.proxy.options import ProxyPolicies
@@ -47,21 +45,15 @@ async def run_proxy(config: Config, *, reuse_port: bool = False, health_interval
         if watcher is not None:
             watcher.cancel()
 
-    def swap_policies() -> None:
-        try:
-            proxy.policies = ProxyPolicies.from_config(reload().policies, config.secret_bytes())
-        except (ConfigError, OSError) as error:
-            log.error("SIGHUP: new config rejected, old policies stay: %s", error)
-            return
-        log.info("SIGHUP: policies reloaded: %s", _names(proxy.policies))
+    def swap_policies() -> str:
+        proxy.policies = ProxyPolicies.from_config(reload().policies, config.secret_bytes())
+        return _names(proxy.policies)
 
     app.on_drain.append(refuse)
     port = await app.start()
     if reload is not None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, swap_policies)
-    if config.metrics_port > 0:
-        metrics.serve(config.metrics_port)
-        log.info("metrics on :%d/metrics", config.metrics_port)
+        app.reload_on_sighup(swap_policies)
+    app.serve_metrics(config.metrics_port)
     host = config.listen.rsplit(":", 1)[0]
     log.info("proxy (%s) listening on %s:%d (pid %d)%s for upstream %s, policies: %s",
              config.protocol, host, port, os.getpid(), " with TLS" if app.credentials else "",

@@ -72,16 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         config.ensure_secret()
         configure_logging(config.log_level, config.json_logs)
         # Imported here: numba and grpc load only once the arguments are known to be good.
+        from stealguard.server.cli import check_before_fork
         from stealguard.server.proxy.app import run_proxy
         from stealguard.server.proxy.options import ProxyPolicies
-        from stealguard.server.security import Tokens, server_credentials
         from stealguard.server.server import serve_workers
 
-        # fail before forking: policies, certificates and tokens must all be readable
-        ProxyPolicies.from_config(config.policies, config.secret_bytes())
-        server_credentials(config)
-        if config.token_file:
-            Tokens.from_file(config.token_file)
+        check_before_fork(config, ProxyPolicies.from_config)
 
         def reload():
             """The same sources again (file, environment, flags) for SIGHUP."""
