@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from stealguard.attacks import strategies
 from stealguard.attacks.architectures import build_model
@@ -47,14 +48,29 @@ class DefenseSpec:
     name: str
     params: dict = field(default_factory=dict)
 
-    def build(self):
+    def _make(self):
         from stealguard.server.defenses import make_defense
 
         return make_defense(self.name, secret=SECRET, **self.params)
 
+    def build(self) -> Callable[[np.ndarray], np.ndarray]:
+        """The defense as a callable probs -> probs that leaves torch's thread count alone:
+        numba's OpenMP layer resets the process-wide OpenMP thread count after a parallel
+        kernel, which would silently give torch more threads than we set."""
+        defense = self._make()
+
+        def protect(probs: np.ndarray) -> np.ndarray:
+            threads = torch.get_num_threads()
+            try:
+                return defense(probs)
+            finally:
+                torch.set_num_threads(threads)
+
+        return protect
+
     def describe(self) -> dict:
         """{"name": ..., "params": {...}} with every parameter, defaults filled in."""
-        return {"name": self.name, "params": dict(self.build().params)}
+        return {"name": self.name, "params": dict(self._make().params)}
 
 
 NO_DEFENSE = DefenseSpec("none")
