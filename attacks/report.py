@@ -251,7 +251,7 @@ def plot_agreement(runs: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     for strategy, defense, style in (("sample", "none", "o-"),
                                      ("sample", "reverse_sigmoid", "s-"),
                                      ("argmax", "none", "^--")):
@@ -266,12 +266,15 @@ def plot_agreement(runs: list[dict], path: Path, title: str) -> None:
                     if r["stage"] == "table" else ATTACK_LABELS.get(r["strategy"]))
             ax.plot([r["budget"]], [r["agreement"]], "x", label=name)
     ax.set_xscale("log")
+    budgets = sorted({r["budget"] for r in runs if r["stage"] != "calibration"})
+    ax.set_xticks(budgets, [str(b) for b in budgets], fontsize=7)
+    ax.minorticks_off()
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("queries (attacker budget)")
     ax.set_ylabel("agreement with base model")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
