@@ -9,12 +9,12 @@ plain sidecar pays nothing for it. The concurrency limit is gRPC's own
 from __future__ import annotations
 
 import contextvars
-import inspect
 import time
 from collections import OrderedDict
 
 import grpc
 from stealguard.server import metrics
+from stealguard.server.lenient import kind_of, relay, settled
 from stealguard.server.security import Tokens
 
 ANONYMOUS = "anonymous"
@@ -22,11 +22,6 @@ ANONYMOUS = "anonymous"
 CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("stealguard_client",
                                                              default=ANONYMOUS)
 _EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-
-
-async def _settled(result):
-    """`result`, awaited if the handler was a coroutine function."""
-    return await result if inspect.isawaitable(result) else result
 
 
 class RateLimiter:
@@ -112,44 +107,22 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 metrics.IN_FLIGHT.dec()
                 metrics.LATENCY.labels(name).observe(time.perf_counter() - start)
 
-        if handler.unary_unary:
-            inner = handler.unary_unary
-
-            async def unary_unary(request, context):
+        kind = kind_of(handler)
+        inner = getattr(handler, kind)
+        if not handler.response_streaming:
+            async def behaviour(request_or_iterator, context):
                 state = await enter(context)
                 try:
-                    return await _settled(inner(request, context))
+                    return await settled(inner(request_or_iterator, context))
                 finally:
                     leave(state)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer)
-        if handler.stream_unary:
-            inner = handler.stream_unary
-
-            async def stream_unary(requests, context):
+        else:
+            async def behaviour(request_or_iterator, context):
                 state = await enter(context)
                 try:
-                    return await _settled(inner(requests, context))
-                finally:
-                    leave(state)
-
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary, handler.request_deserializer, handler.response_serializer)
-        inner = handler.unary_stream or handler.stream_stream
-        factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
-                   else grpc.stream_stream_rpc_method_handler)
-
-        async def streaming(request_or_iterator, context):
-            state = await enter(context)
-            try:
-                replies = inner(request_or_iterator, context)
-                if hasattr(replies, "__aiter__"):
-                    async for reply in replies:
+                    async for reply in relay(inner(request_or_iterator, context)):
                         yield reply
-                else:  # a handler that writes with context.write() and returns
-                    await _settled(replies)
-            finally:
-                leave(state)
+                finally:
+                    leave(state)
 
-        return factory(streaming, handler.request_deserializer, handler.response_serializer)
+        return handler._replace(**{kind: behaviour})

@@ -16,6 +16,28 @@ import grpc
 from google.protobuf.message import DecodeError
 
 
+async def settled(result):
+    """A handler's result, awaited if the handler was a coroutine function."""
+    return await result if inspect.isawaitable(result) else result
+
+
+async def relay(replies):
+    """Yield a streaming handler's replies: from its async iterator, or none when it
+    wrote them itself with context.write() and returned a coroutine."""
+    if hasattr(replies, "__aiter__"):
+        async for reply in replies:
+            yield reply
+    else:
+        await replies
+
+
+def kind_of(handler) -> str:
+    """The RpcMethodHandler field that holds `handler`'s behaviour."""
+    return {(False, False): "unary_unary", (False, True): "unary_stream",
+            (True, False): "stream_unary", (True, True): "stream_stream"}[
+        (handler.request_streaming, handler.response_streaming)]
+
+
 class UnreadableRequest:
     """Stands in for a request whose bytes did not parse."""
 
@@ -45,41 +67,28 @@ async def _checked(requests, context):
 
 
 def _guarded(handler):
-    inner = (handler.unary_unary or handler.unary_stream or handler.stream_unary
-             or handler.stream_stream)
+    kind = kind_of(handler)
+    inner = getattr(handler, kind)
     if not handler.request_streaming:
         if not handler.response_streaming:
             async def behaviour(request, context):
                 if isinstance(request, UnreadableRequest):
                     await _refuse(context, request)
-                result = inner(request, context)
-                return await result if inspect.isawaitable(result) else result
+                return await settled(inner(request, context))
         else:
             async def behaviour(request, context):
                 if isinstance(request, UnreadableRequest):
                     await _refuse(context, request)
-                replies = inner(request, context)
-                if hasattr(replies, "__aiter__"):
-                    async for reply in replies:
-                        yield reply
-                else:  # writes with context.write() and returns
-                    await replies
+                async for reply in relay(inner(request, context)):
+                    yield reply
     elif not handler.response_streaming:
         async def behaviour(requests, context):
-            result = inner(_checked(requests, context), context)
-            return await result if inspect.isawaitable(result) else result
+            return await settled(inner(_checked(requests, context), context))
     else:
         async def behaviour(requests, context):
-            replies = inner(_checked(requests, context), context)
-            if hasattr(replies, "__aiter__"):
-                async for reply in replies:
-                    yield reply
-            else:
-                await replies
-    kind = {(False, False): "unary_unary", (False, True): "unary_stream",
-            (True, False): "stream_unary", (True, True): "stream_stream"}
-    field = kind[(handler.request_streaming, handler.response_streaming)]
-    return handler._replace(**{field: behaviour},
+            async for reply in relay(inner(_checked(requests, context), context)):
+                yield reply
+    return handler._replace(**{kind: behaviour},
                             request_deserializer=_lenient(handler.request_deserializer))
 
 
