@@ -47,7 +47,7 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--token-file", dest="token_file",
                        help="accepted bearer tokens, one 'name:token' per line")
     group.add_argument("--max-in-flight", type=int, dest="max_in_flight",
-                       help="concurrent calls before RESOURCE_EXHAUSTED (default 1024)")
+                       help="concurrent calls before RESOURCE_EXHAUSTED (default 1024; 0: none)")
     group.add_argument("--max-message-bytes", type=int, dest="max_message_bytes",
                        help="largest request in bytes (default 67108864)")
     group.add_argument("--grace", type=float,

@@ -7,8 +7,6 @@ is a `CodecError` whose message says which field is wrong and how to fix it.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from stealguard.v1 import defense_pb2
 
@@ -26,48 +24,74 @@ class RowLimitError(CodecError):
     """More rows than the server accepts in one request (RESOURCE_EXHAUSTED, not invalid)."""
 
 
-def tensor_to_array(tensor: defense_pb2.Tensor, *, max_rows: int | None = None) -> np.ndarray:
-    """Decode `tensor` into a 1-D or 2-D float32/float64 array without copying.
+def tensor_to_flat(tensor: defense_pb2.Tensor, *, max_rows: int | None = None
+                   ) -> tuple[np.ndarray, int, int]:
+    """Decode `tensor` into (values, rows, classes) without copying.
 
-    Raises `CodecError` for an unspecified or unknown dtype, a shape that is not
-    [classes] or [rows, classes], a negative or zero class count, more rows than
-    `max_rows`, or data whose length does not match shape x dtype.
+    `values` is the flat, read-only view of the data (`np.frombuffer`); a 1-D shape
+    [classes] is one row. Raises `CodecError` for an unspecified or unknown dtype, a shape
+    that is not [classes] or [rows, classes], a negative or zero class count, more rows
+    than `max_rows`, or data whose length does not match shape x dtype.
     """
     dtype = _DTYPES.get(tensor.dtype)
     if dtype is None:
         name = "DTYPE_UNSPECIFIED" if tensor.dtype == 0 else f"the unknown value {tensor.dtype}"
         raise CodecError(f"probabilities.dtype is {name}: set FLOAT32 or FLOAT64")
-    shape = tuple(tensor.shape)
-    if not 1 <= len(shape) <= 2:
+    shape = tensor.shape
+    if len(shape) == 2:
+        rows, classes = shape
+    elif len(shape) == 1:
+        rows, classes = 1, shape[0]
+    else:
         raise CodecError(
             f"probabilities.shape is {list(shape)}: expected [classes] or [rows, classes]"
         )
-    if any(d < 0 for d in shape):
+    if rows < 0 or classes < 0:
         raise CodecError(f"probabilities.shape {list(shape)} has a negative dimension")
-    rows = shape[0] if len(shape) == 2 else 1
-    if shape[-1] == 0 and rows > 0:
+    if classes == 0 and rows > 0:
         raise CodecError(f"probabilities.shape {list(shape)} has no classes: need at least 1")
     if max_rows is not None and rows > max_rows:
         raise RowLimitError(f"probabilities has {rows} rows: at most {max_rows} per request; "
                             "split the batch")
-    expected = math.prod(shape) * dtype.itemsize
-    if len(tensor.data) != expected:
+    data = tensor.data
+    expected = rows * classes * dtype.itemsize
+    if len(data) != expected:
         raise CodecError(
-            f"probabilities.data has {len(tensor.data)} bytes but shape {list(shape)} of "
+            f"probabilities.data has {len(data)} bytes but shape {list(shape)} of "
             f"{dtype.name} needs {expected}"
         )
-    array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
-    if not array.flags.aligned:  # numba compiles aligned access only
-        array = array.copy()
-    return array
+    values = np.frombuffer(data, dtype=dtype)
+    if not values.flags.aligned:  # numba compiles aligned access only
+        values = values.copy()
+        values.flags.writeable = False
+    return values, rows, classes
+
+
+def tensor_to_array(tensor: defense_pb2.Tensor, *, max_rows: int | None = None) -> np.ndarray:
+    """Decode `tensor` into a 1-D or 2-D float32/float64 array without copying (read-only).
+
+    Raises the `CodecError`s of `tensor_to_flat`.
+    """
+    values, _, _ = tensor_to_flat(tensor, max_rows=max_rows)
+    return values.reshape(tuple(tensor.shape))
+
+
+def write_tensor(message: defense_pb2.Tensor, values: np.ndarray, shape) -> None:
+    """Fill the empty `Tensor` message with the float32/float64 `values` as `shape` (1-D or
+    2-D), in place: the sidecar writes its answer straight into the response."""
+    dtype = values.dtype
+    if dtype.kind != "f" or dtype.itemsize not in (4, 8):
+        raise CodecError(f"cannot encode dtype {dtype}: only float32 and float64")
+    if not 1 <= len(shape) <= 2:
+        raise CodecError(f"cannot encode a {len(shape)}-D array: expected 1-D or 2-D")
+    enum = defense_pb2.FLOAT32 if dtype.itemsize == 4 else defense_pb2.FLOAT64
+    message.shape.extend(shape)
+    message.dtype = enum
+    message.data = values.astype(_DTYPES[enum], copy=False).tobytes()
 
 
 def array_to_tensor(array: np.ndarray) -> defense_pb2.Tensor:
     """Encode a float32/float64 array of 1 or 2 dimensions as a `Tensor` message."""
-    if array.dtype.kind != "f" or array.dtype.itemsize not in (4, 8):
-        raise CodecError(f"cannot encode dtype {array.dtype}: only float32 and float64")
-    enum = defense_pb2.FLOAT32 if array.dtype.itemsize == 4 else defense_pb2.FLOAT64
-    if not 1 <= array.ndim <= 2:
-        raise CodecError(f"cannot encode a {array.ndim}-D array: expected 1-D or 2-D")
-    little = array.astype(_DTYPES[enum], copy=False)
-    return defense_pb2.Tensor(shape=little.shape, dtype=enum, data=little.tobytes())
+    message = defense_pb2.Tensor()
+    write_tensor(message, array, array.shape)
+    return message

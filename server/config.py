@@ -40,7 +40,8 @@ class Config:
     metrics_port: int = 0
     json_logs: bool = False
     # Limits: a message above max_message_bytes, more than max_rows rows, or a call beyond
-    # max_in_flight concurrent calls is refused at once with RESOURCE_EXHAUSTED.
+    # max_in_flight concurrent calls is refused at once with RESOURCE_EXHAUSTED
+    # (max_in_flight 0: no limit on concurrent calls).
     max_message_bytes: int = 64 * 1024 * 1024
     max_rows: int = 65536
     max_in_flight: int = 1024
@@ -163,10 +164,10 @@ def _apply(config: Config, values: Mapping[str, Any], *, source: str) -> None:
             f"{source}: log_level must be one of {_LOG_LEVELS}, got {config.log_level!r}"
         )
     config.log_level = config.log_level.lower()
-    for key in ("workers", "max_rows", "max_in_flight", "max_message_bytes"):
+    for key in ("workers", "max_rows", "max_message_bytes"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{source}: {key} must be at least 1, got {getattr(config, key)}")
-    for key in ("grace", "rate_limit", "rate_burst"):
+    for key in ("max_in_flight", "grace", "rate_limit", "rate_burst"):
         if getattr(config, key) < 0:
             raise ConfigError(f"{source}: {key} must be 0 or more, got {getattr(config, key)}")
 

@@ -70,7 +70,12 @@ def _guarded(handler):
     kind = kind_of(handler)
     inner = getattr(handler, kind)
     if not handler.request_streaming:
-        if not handler.response_streaming:
+        if not handler.response_streaming and inspect.iscoroutinefunction(inner):
+            async def behaviour(request, context):  # the hot path: awaited directly
+                if request.__class__ is UnreadableRequest:
+                    await _refuse(context, request)
+                return await inner(request, context)
+        elif not handler.response_streaming:
             async def behaviour(request, context):
                 if isinstance(request, UnreadableRequest):
                     await _refuse(context, request)

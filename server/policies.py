@@ -29,7 +29,7 @@ class Policy:
     """A named defense. `apply` validates and perturbs one batch of rows."""
 
     name: str
-    defense: Any  # a stealguard.server.defenses defense: callable(probs, logits=False)
+    defense: Any  # a stealguard.server.defenses Defense (callable, and perturb_flat)
 
     @property
     def defense_name(self) -> str:
@@ -42,6 +42,11 @@ class Policy:
     def apply(self, probabilities: np.ndarray, logits: bool = False) -> np.ndarray:
         """Validate `probabilities` and return the protected copy (ValueError names the row)."""
         return self.defense(probabilities, logits=logits)
+
+    def apply_flat(self, values: np.ndarray, rows: int, classes: int,
+                   logits: bool = False) -> np.ndarray:
+        """`apply` for `rows` x `classes` values stored flat (the codec's view of a request)."""
+        return self.defense.perturb_flat(values, rows, classes, logits=logits)
 
 
 class PolicySet:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -57,8 +58,9 @@ class GrpcApp:
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
             ],
-            # beyond this many concurrent calls gRPC answers RESOURCE_EXHAUSTED at once
-            maximum_concurrent_rpcs=max_in_flight,
+            # beyond this many concurrent calls gRPC answers RESOURCE_EXHAUSTED at once;
+            # None or 0: no limit (gRPC's limiter costs a task per call, about 15 µs here)
+            maximum_concurrent_rpcs=max_in_flight or None,
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -208,6 +210,10 @@ async def run_sidecar(config: Config, *, reuse_port: bool = False,
              ", ".join(f"{p.name}={p.defense_name}" for p in policies))
     seconds = await app.unless_stopped(warm_up)
     if seconds is not None:
+        # What exists now (numba, llvmlite, the compiled kernels) lives as long as the
+        # process: keep it out of every later garbage collection pass.
+        gc.collect()
+        gc.freeze()
         servicer.not_serving = None
         await app.set_serving(True)
         log.info("ready: kernels warm in %.2fs", seconds)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 from stealguard.server import metrics
-from stealguard.server.codec import CodecError, RowLimitError, array_to_tensor, tensor_to_array
+from stealguard.server.codec import CodecError, RowLimitError, tensor_to_flat, write_tensor
 from stealguard.server.interceptors import CLIENT
 from stealguard.server.policies import PolicySet, UnknownModel
 from stealguard.v1 import defense_pb2, defense_pb2_grpc
@@ -53,16 +53,16 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
         if self.not_serving:
             raise NotServing(self.not_serving)
         policy = self.policies.resolve(request.model)
-        probabilities = tensor_to_array(request.probabilities, max_rows=self.max_rows)
-        protected = policy.apply(probabilities, logits=request.logits)
+        tensor = request.probabilities
+        values, rows, classes = tensor_to_flat(tensor, max_rows=self.max_rows)
+        protected = policy.apply_flat(values, rows, classes, logits=request.logits)
         if self.with_metrics:
-            metrics.observe_rows(policy.name, CLIENT.get(), probabilities, protected,
-                                 logits=request.logits)
-        return defense_pb2.PerturbResponse(
-            probabilities=array_to_tensor(protected),
-            policy=policy.name,
-            request_id=request.request_id,
-        )
+            metrics.observe_rows(policy.name, CLIENT.get(), values.reshape(rows, classes),
+                                 protected.reshape(rows, classes), logits=request.logits)
+        response = defense_pb2.PerturbResponse(policy=policy.name,
+                                               request_id=request.request_id)
+        write_tensor(response.probabilities, protected, tensor.shape)
+        return response
 
     def _count(self, method: str, policy: str, code: grpc.StatusCode) -> None:
         if self.with_metrics:
@@ -78,7 +78,8 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
             await context.abort(code, message)
         finally:
             self.in_flight -= 1
-        self._count("Perturb", response.policy, grpc.StatusCode.OK)
+        if self.with_metrics:
+            self._count("Perturb", response.policy, grpc.StatusCode.OK)
         return response
 
     async def PerturbStream(

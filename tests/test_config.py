@@ -73,6 +73,12 @@ def test_zero_workers_is_rejected():
         load_config(env={}, overrides={"workers": 0})
 
 
+def test_max_in_flight_zero_means_no_limit_and_negative_is_rejected():
+    assert load_config(env={"STEALGUARD_MAX_IN_FLIGHT": "0"}).max_in_flight == 0
+    with pytest.raises(ConfigError, match="max_in_flight must be 0 or more"):
+        load_config(env={}, overrides={"max_in_flight": -1})
+
+
 def test_one_yaml_serves_sidecar_and_proxy(tmp_path):
     from stealguard.server.policies import PolicySet
 

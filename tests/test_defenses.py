@@ -139,6 +139,28 @@ def test_input_is_never_written_and_read_only_input_works():
     np.testing.assert_array_equal(frozen, rows)
 
 
+def test_perturb_flat_equals_call_bit_for_bit_and_raises_the_same_errors():
+    rng = np.random.default_rng(5)
+    for dtype in (np.float32, np.float64):
+        rows = softmax(rng.normal(0, 2, (7, 10))).astype(dtype)
+        view = np.frombuffer(rows.tobytes(), dtype)  # what the codec hands the sidecar
+        for name in DEFENSE_NAMES:
+            defense = make_defense(name, secret=b"k")
+            flat = defense.perturb_flat(view, 7, 10)
+            assert flat.shape == (70,) and flat.dtype == dtype
+            assert flat.tobytes() == defense(rows).tobytes(), name
+    defense = make_defense("reverse_sigmoid")
+    logits = rng.normal(0, 3, (3, 4))
+    assert (defense.perturb_flat(logits.reshape(-1), 3, 4, logits=True).tobytes()
+            == defense(logits, logits=True).tobytes())
+    column = np.array([0.2, 0.9])
+    assert defense.perturb_flat(column, 2, 1).tobytes() == defense(column[:, None]).tobytes()
+    bad = np.frombuffer(np.array([[0.5, 0.5], [0.9, 0.3]]).tobytes(), np.float64)
+    with pytest.raises(ValueError, match="row 1: sums to 1.2000"):
+        defense.perturb_flat(bad, 2, 2)
+    assert defense.perturb_flat(np.empty(0, np.float32), 0, 10).shape == (0,)
+
+
 def test_one_row_in_gives_one_row_out_and_strided_input_is_accepted():
     defense = make_defense("reverse_sigmoid")
     rows = softmax(np.random.default_rng(2).normal(0, 2, (6, 10)))

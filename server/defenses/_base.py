@@ -104,13 +104,31 @@ class Defense:
             return np.empty(np.shape(probs), rows.dtype)
         if k == 1:
             return self._binary(rows, check).reshape(np.shape(probs))
-        out = np.empty((n, k), rows.dtype)
-        y = read_only_flat(rows)
+        return self._rows(read_only_flat(rows), n, k, check).reshape(np.shape(probs))
+
+    def perturb_flat(self, values: np.ndarray, n: int, k: int, logits: bool = False
+                     ) -> np.ndarray:
+        """Perturb n rows of k values stored flat in `values`; returns a new flat array.
+
+        The sidecar's path: `values` is the codec's zero-copy, read-only view of a request,
+        handed straight to the kernel with none of `__call__`'s reshaping. The result and
+        the errors are exactly `__call__`'s; anything other than read-only, aligned,
+        contiguous probabilities of K >= 2 classes goes through `__call__`.
+        """
+        flags = values.flags
+        if (logits or k < 2 or n == 0 or flags.writeable or not flags.aligned
+                or values.dtype not in self._args):
+            return self(values.reshape(n, k), logits=logits).reshape(-1)
+        return self._rows(values, n, k, True)
+
+    def _rows(self, y: np.ndarray, n: int, k: int, check: bool) -> np.ndarray:
+        """Run the kernel on the read-only flat (n, k) rows y; ValueError for a bad row."""
+        out = np.empty(n * k, y.dtype)
         kernel = self._serial if n * k < PARALLEL_MIN_VALUES else self._parallel
-        bad = kernel(y, out.reshape(-1), n, k, check, *self._args[rows.dtype])
+        bad = kernel(y, out, n, k, check, *self._args[y.dtype])
         if bad >= 0:
-            raise row_error(rows, bad)
-        return out.reshape(np.shape(probs))
+            raise row_error(y.reshape(n, k), bad)
+        return out
 
     def _binary(self, column: np.ndarray, check: bool) -> np.ndarray:
         n = column.shape[0]
