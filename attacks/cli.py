@@ -12,6 +12,7 @@ positive integer) ends with a one-line error and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -69,8 +70,21 @@ def strategy_names(text: str) -> list[str]:
     return names
 
 
+def threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="stealguard-attack", description=__doc__.split("\n")[0])
+    parser.add_argument("--torch-threads", type=threads, default=os.cpu_count() or 1,
+                        help="threads torch trains with (default: one per core; lower it "
+                             "on a machine that is running other work)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     exp = sub.add_parser("experiment", help="in-process experiment on one dataset")
@@ -116,11 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_torch() -> None:
+def _setup_torch(threads: int) -> None:
     import torch
 
-    # The machine is shared; more threads than cores makes CPU training far slower.
-    torch.set_num_threads(1)
+    # More threads than free cores makes CPU training far slower: --torch-threads.
+    torch.set_num_threads(threads)
 
 
 def _meta(args, started: float) -> dict:
@@ -155,6 +169,7 @@ def cmd_experiment(args) -> int:
         "split": {"base": len(ds.base_x), "attacker": len(ds.attacker_x),
                   "test": len(ds.test_x)},
         "attacker_architecture": profile.architecture,
+        "attacker_temperature": profile.train.temperature,
         "table_budget": profile.table_budget,
         "strategy_budget": profile.strategy_budget,
         "inversion_pairs": profile.inversion_pairs,
@@ -260,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        _setup_torch()
+        _setup_torch(args.torch_threads)
         return COMMANDS[args.command](args)
     except UsageError as e:
         print(f"stealguard-attack: error: {e}", file=sys.stderr)

@@ -121,6 +121,15 @@ def render(results: dict) -> str:
         f"{meta['split']['attacker']} unlabeled samples (33% of the training data) and trains "
         f"{meta['attacker_architecture']}. Agreement is top-1 agreement with M on the test "
         "samples; one run (one seed) per cell.", ""]
+    temperature = meta.get("attacker_temperature", 1.0)
+    if temperature != 1.0:
+        lines += [
+            f"The attacks that train on probabilities (Sample, Random, Jacobian, Inversion) "
+            f"distil them at temperature {temperature:g}: targets softmax(log(y) / "
+            f"{temperature:g}) against the stolen model's softmax(logits / {temperature:g}), "
+            "which brings out what a confident model's small probabilities carry. "
+            "ArgmaxSample trains on the labels; the same-layer and MSE attacks use their own "
+            "losses.", ""]
 
     lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for t in meta["targets"]:

@@ -5,6 +5,7 @@ samples, the architecture they train, the data range) and returns a trained stol
 (a torch module returning logits). It never asks the oracle for more than `budget` inputs.
 
     sample       query the attacker's samples, train on the returned probabilities
+                 (distilled at the attacker's temperature, `TrainConfig.temperature`)
     argmax       the same, but train on the top-1 label only (ArgmaxSample)
     random       uniform random queries in the data range
     jacobian     Papernot et al.'s Jacobian-based augmentation, lambda = 0.1
@@ -19,7 +20,9 @@ samples, the architecture they train, the data range) and returns a trained stol
 
 When the budget exceeds the number of samples, the extra queries are shifted (and, except
 on MNIST, flipped) copies of the samples, as the paper's 50,000-query budget with a few
-hundred samples implies; tabular samples get small Gaussian jitter instead.
+hundred samples implies. Tabular samples, and images smaller than 16 pixels (where a
+one-pixel shift moves an 8x8 digit by an eighth of its frame and the extra queries made
+Sample's agreement fall as the budget grew), get small Gaussian jitter instead.
 """
 
 from __future__ import annotations
@@ -71,6 +74,10 @@ class Attacker:
         return train(self.new_model(), x, targets, self.train_config,
                      flip=self.flip, seed=self.seed, **kwargs)
 
+    def distil(self, x: np.ndarray, probs: np.ndarray) -> nn.Module:
+        """Train a fresh stolen model on probability rows, at the configured temperature."""
+        return self.fit(x, probs, temperature=self.train_config.temperature)
+
 
 def query_inputs(attacker: Attacker, budget: int) -> np.ndarray:
     """`budget` query inputs from the attacker's samples: the samples themselves (a random
@@ -81,7 +88,7 @@ def query_inputs(attacker: Attacker, budget: int) -> np.ndarray:
     if budget <= n:
         return samples[rng.choice(n, budget, replace=False)]
     extra = samples[rng.integers(0, n, budget - n)]
-    if extra.ndim == 4:
+    if extra.ndim == 4 and min(extra.shape[2:]) >= 16:
         gen = torch.Generator().manual_seed(attacker.seed)
         max_shift = attacker.train_config.max_shift
         extra = augment(torch.from_numpy(extra), flip=attacker.flip, max_shift=max_shift,
@@ -103,7 +110,7 @@ def one_hot(probs: np.ndarray) -> np.ndarray:
 def sample_attack(oracle: Oracle, budget: int, attacker: Attacker) -> nn.Module:
     """Sample: query the attacker's samples, train on the returned probabilities."""
     x = query_inputs(attacker, budget)
-    return attacker.fit(x, oracle.query(x))
+    return attacker.distil(x, oracle.query(x))
 
 
 def argmax_attack(oracle: Oracle, budget: int, attacker: Attacker) -> nn.Module:
@@ -117,7 +124,7 @@ def random_attack(oracle: Oracle, budget: int, attacker: Attacker) -> nn.Module:
     rng = np.random.default_rng(attacker.seed)
     shape = (budget, *attacker.input_shape)
     x = rng.uniform(attacker.input_low, attacker.input_high, size=shape).astype(np.float32)
-    return attacker.fit(x, oracle.query(x))
+    return attacker.distil(x, oracle.query(x))
 
 
 def _jacobian_step(model: nn.Module, x: np.ndarray, labels: np.ndarray, attacker: Attacker):
@@ -137,12 +144,12 @@ def jacobian_attack(oracle: Oracle, budget: int, attacker: Attacker) -> nn.Modul
     n0 = max(1, min(len(attacker.samples), budget >> JACOBIAN_ROUNDS))
     x = attacker.samples[rng.choice(len(attacker.samples), n0, replace=False)]
     y = oracle.query(x)
-    model = attacker.fit(x, y)
+    model = attacker.distil(x, y)
     while oracle.remaining > 0:
         take = rng.permutation(len(x))[: oracle.remaining]
         new_x = _jacobian_step(model, x[take], y[take].argmax(1), attacker)
         x, y = np.concatenate([x, new_x]), np.concatenate([y, oracle.query(new_x)])
-        model = attacker.fit(x, y)
+        model = attacker.distil(x, y)
     return model
 
 
@@ -208,7 +215,7 @@ def inversion_attack(
     x = query_inputs(attacker, budget)
     with torch.no_grad():
         recovered = inverter(torch.as_tensor(oracle.query(x), dtype=torch.float32)).softmax(1)
-    return attacker.fit(x, recovered.double().numpy())
+    return attacker.distil(x, recovered.double().numpy())
 
 
 def equation_solving_attack(oracle: Oracle, budget: int, attacker: Attacker) -> nn.Module:

@@ -3,6 +3,10 @@
 "Basic data augmentation (shift/flip) is applied in all training" (Sec. IV); flipping is not
 applied on MNIST. Every model here is trained the same way: minibatches of 64, Adam, a
 loss between the model's softmax output and the target probability rows.
+
+An attacker who trains on probabilities can distil at a temperature T > 1 (Hinton et al.):
+the targets become softmax(log(y) / T) and the model's output softmax(logits / T), which
+brings out the small probabilities that a confident model's answers carry.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     max_shift: int = 2  # pixels, for 28x28 images; 8x8 images shift by 1
+    # Distillation temperature for probability targets under cross-entropy (1: plain).
+    temperature: float = 1.0
 
     def steps(self, n: int) -> int:
         return max(self.min_steps, math.ceil(self.epochs * n / self.batch_size))
@@ -61,6 +67,13 @@ def soft_cross_entropy(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return -(targets * probs.clamp_min(EPS).log()).sum(1).mean()
 
 
+def soften(targets: np.ndarray, temperature: float) -> np.ndarray:
+    """Probability rows softened for distillation: softmax(log(max(y, EPS)) / T)."""
+    z = np.log(np.clip(np.asarray(targets, np.float64), EPS, 1.0)) / temperature
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
 def mse(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return ((probs - targets) ** 2).sum(1).mean()
 
@@ -80,12 +93,19 @@ def train(
     flip: bool = False,
     loss: str = "cross_entropy",
     output_layer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    temperature: float = 1.0,
     seed: int = 0,
 ) -> nn.Module:
     """Train `model` (which returns logits) so that softmax(model(x)) — passed through
     `output_layer` if given (the defense-aware attacker's copy of the defense) — matches the
     probability rows `targets` under `loss` ("cross_entropy" or "mse"). Images are shifted
-    (and flipped if `flip`) afresh in every minibatch. Returns the model in eval mode."""
+    (and flipped if `flip`) afresh in every minibatch. `temperature` > 1 distils (see the
+    module docstring); it needs cross-entropy and no output layer. Returns the model in
+    eval mode."""
+    if temperature != 1.0:
+        if loss != "cross_entropy" or output_layer is not None:
+            raise ValueError("a distillation temperature needs cross-entropy and no output layer")
+        targets = soften(targets, temperature)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     xs = torch.as_tensor(np.asarray(x, np.float32))
@@ -102,7 +122,7 @@ def train(
         idx = order[pos : pos + config.batch_size]
         pos += config.batch_size
         xb = augment(xs[idx], flip=flip, max_shift=config.max_shift, gen=gen)
-        probs = model(xb).softmax(1)
+        probs = (model(xb) / temperature).softmax(1)
         if output_layer is not None:
             probs = output_layer(probs)
         loss_value = loss_fn(probs, ys[idx])

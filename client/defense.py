@@ -89,6 +89,14 @@ class _Base:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._credentials = credentials
 
+    def _timeout(self, timeout: float | None) -> float:
+        if timeout is None:
+            return self.timeout
+        if not timeout > 0:
+            raise SidecarError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"no time left for the sidecar call (timeout {timeout:.3f}s)")
+        return timeout
+
 
 class DefenseClient(_Base):
     """Blocking client: `perturb(probs, model="", logits=False) -> np.ndarray`."""
@@ -106,11 +114,15 @@ class DefenseClient(_Base):
         self._stub = defense_pb2_grpc.DefenseStub(self.channel)
 
     def perturb(self, probs: np.ndarray, model: str = "", logits: bool = False, *,
-                request_id: str = "") -> np.ndarray:
-        """The protected copy of `probs` (1-D or 2-D float); raises `SidecarError`."""
+                request_id: str = "", timeout: float | None = None) -> np.ndarray:
+        """The protected copy of `probs` (1-D or 2-D float); raises `SidecarError`.
+
+        `timeout`: seconds for this call (default: the client's), e.g. what is left of the
+        caller's own deadline."""
         request = _request(probs, model, logits, request_id)
         try:
-            response = self._stub.Perturb(request, timeout=self.timeout, metadata=self._metadata)
+            response = self._stub.Perturb(request, timeout=self._timeout(timeout),
+                                          metadata=self._metadata)
         except grpc.RpcError as error:
             raise SidecarError(error.code(), error.details() or "") from None
         return tensor_to_array(response.probabilities)
@@ -154,12 +166,12 @@ class AsyncDefenseClient(_Base):
         self._stub = defense_pb2_grpc.DefenseStub(self.channel)
 
     async def perturb(self, probs: np.ndarray, model: str = "", logits: bool = False, *,
-                      request_id: str = "") -> np.ndarray:
-        """The protected copy of `probs`; raises `SidecarError`."""
+                      request_id: str = "", timeout: float | None = None) -> np.ndarray:
+        """The protected copy of `probs`; raises `SidecarError` (`timeout` as the sync one)."""
         request = _request(probs, model, logits, request_id)
         try:
             response = await self._stub.Perturb(
-                request, timeout=self.timeout, metadata=self._metadata
+                request, timeout=self._timeout(timeout), metadata=self._metadata
             )
         except grpc.RpcError as error:
             raise SidecarError(error.code(), error.details() or "") from None

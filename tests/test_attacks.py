@@ -18,7 +18,7 @@ from stealguard.attacks.strategies import (
     query_inputs,
     train_inverter,
 )
-from stealguard.attacks.training import TrainConfig, predict, train
+from stealguard.attacks.training import TrainConfig, predict, soften, train
 from stealguard.server.defenses import make_defense
 
 torch.set_num_threads(1)
@@ -152,6 +152,18 @@ def test_sample_attack_on_the_undefended_model_beats_random_queries(digits, digi
         stolen = STRATEGIES[strategy](LocalOracle(digits_base, 300), 300, attacker)
         scores[strategy] = agreement(predict(stolen, digits.test_x), base_test)
     assert scores["sample"] > scores["random"] + 0.3
+
+
+def test_distillation_softens_targets_keeps_their_order_and_needs_cross_entropy(digits):
+    y = np.array([[0.98, 0.015, 0.005], [0.2, 0.5, 0.3]])
+    soft = soften(y, 4.0)
+    np.testing.assert_allclose(soft.sum(1), 1.0)
+    assert (soft.argsort(1) == y.argsort(1)).all() and soft[0, 0] < 0.98
+    np.testing.assert_allclose(soften(y, 1.0), y, atol=1e-12)
+    model = build_model("mlp", digits.input_shape, digits.num_classes)
+    x, targets = digits.attacker_x[:8], np.eye(digits.num_classes)[:8]
+    with pytest.raises(ValueError, match="temperature needs cross-entropy"):
+        train(model, x, targets, TrainConfig(min_steps=1), loss="mse", temperature=4.0)
 
 
 def test_equation_solving_recovers_iris_logreg_with_as_many_queries_as_parameters():

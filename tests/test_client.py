@@ -74,6 +74,26 @@ def test_stalled_sidecar_times_out_into_label_only_rows():
         process.stop()
 
 
+def test_per_call_timeout_overrides_the_clients_and_none_left_fails_closed():
+    process, address = start_sidecar()
+    try:
+        process.popen.send_signal(signal.SIGSTOP)
+        client = DefenseClient(address, timeout=30)
+        with pytest.raises(SidecarError) as error:
+            client.perturb(PROBS, timeout=0.2)  # not the client's 30 s
+        assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        np.testing.assert_array_equal(protect(client, PROBS, timeout=0.0), LABELS)
+
+        async def run():
+            async with AsyncDefenseClient(address, timeout=30) as slow:
+                return await protect_async(slow, PROBS, timeout=0.2)
+
+        np.testing.assert_array_equal(asyncio.run(run()), LABELS)
+    finally:
+        process.popen.send_signal(signal.SIGCONT)
+        process.stop()
+
+
 def test_sidecar_rejection_is_fail_closed_too(sidecar):
     bad = PROBS * 2  # rows sum to 2: INVALID_ARGUMENT
     np.testing.assert_array_equal(protect(DefenseClient(sidecar, timeout=10), bad), LABELS)
