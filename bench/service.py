@@ -9,7 +9,7 @@ Four workloads — unary Perturb of 1x10 float32, the same against a sidecar sta
 bench/echo_server.py (protobuf parse + serialise, no codec, no validation, no defense)
 and against stealguard-sidecar (Reverse Sigmoid, the default policy). The echo server has
 no concurrency limiter; `--max-in-flight 0` gives the sidecar the same gRPC server options
-(gRPC's limiter costs a task per call). Each round measures echo, then the sidecar, back
+(gRPC's limiter creates a task per call). Each round measures echo, then the sidecar, back
 to back; the ratios are the median of the rounds' ratios, so a burst of load on the shared
 machine moves one round, not the result. Prints throughput, p50/p99 and server CPU per
 call for both (the round with the median CPU ratio), and the ratios.

@@ -59,7 +59,7 @@ class GrpcApp:
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
             ],
             # beyond this many concurrent calls gRPC answers RESOURCE_EXHAUSTED at once;
-            # None or 0: no limit (gRPC's limiter costs a task per call, about 15 µs here)
+            # None or 0: no limit (gRPC's limiter creates one task per call)
             maximum_concurrent_rpcs=max_in_flight or None,
         )
         self.health = health.aio.HealthServicer()
