@@ -92,6 +92,9 @@ class Profile:
     inverter_steps: int
     other_defenses: tuple[DefenseSpec, ...]
     architecture: str = "allconv"  # the attacker's (Sec. IV-B uses AllConv)
+    # Attacker seeds of every curve point (Fig. 4): the report averages them, so that a
+    # one-sample wobble of one training run does not decide a target.
+    curve_seeds: tuple[int, ...] = (0,)
 
 
 PAPER_DEFENSES = (  # Table I's other rows, at the defense library's default parameters
@@ -116,6 +119,7 @@ IMAGE_FULL = Profile(
     inversion_pairs=4000,
     inverter_steps=3000,
     other_defenses=PAPER_DEFENSES,
+    curve_seeds=(0, 1, 2),
 )
 IMAGE_QUICK = Profile(
     budgets=(100, 200),
@@ -140,6 +144,7 @@ TABULAR_FULL = replace(
     train=TrainConfig(epochs=50, min_steps=300, batch_size=16, lr=1e-2),
     inversion_pairs=1500,
     architecture="logreg",
+    curve_seeds=(0,),
 )
 TABULAR_QUICK = replace(
     IMAGE_QUICK,
@@ -190,6 +195,7 @@ class Run:
     defense: DefenseSpec
     budget: int
     options: dict = field(default_factory=dict)  # extra keyword arguments of the strategy
+    seed: int = 0  # added to the experiment's seed for the attacker of this run
 
 
 class Experiment:
@@ -218,7 +224,8 @@ class Experiment:
         started = time.perf_counter()
         oracle = LocalOracle(self.model, plan.budget, plan.defense.build())
         strategy = strategies.STRATEGIES[plan.strategy]
-        stolen = strategy(oracle, plan.budget, self.attacker, **plan.options)
+        attacker = replace(self.attacker, seed=self.seed + plan.seed)
+        stolen = strategy(oracle, plan.budget, attacker, **plan.options)
         stolen_test = predict(stolen, self.ds.test_x)
         record = {
             "dataset": self.ds.name,
@@ -228,6 +235,7 @@ class Experiment:
             "architecture": "logreg" if plan.strategy == "equation-solving"
             else self.profile.architecture,
             "budget": plan.budget,
+            "seed": attacker.seed,
             "queries": oracle.queries,
             "agreement": agreement(stolen_test, self.base_test),
             "accuracy": accuracy(stolen_test, self.ds.test_y),
@@ -266,8 +274,11 @@ def run_experiment(ds: Dataset, model: nn.Module, profile: Profile, seed: int = 
     p = profile
     tabular = not ds.is_image
 
-    log(f"S(M): Sample against the undefended model, budgets {list(p.budgets)}")
-    exp.run_all((Run("curve", "sample", NO_DEFENSE, b) for b in p.budgets), "S(M)")
+    seeds = p.curve_seeds
+    log(f"S(M): Sample against the undefended model, budgets {list(p.budgets)}, "
+        f"attacker seeds {list(seeds)}")
+    exp.run_all((Run("curve", "sample", NO_DEFENSE, b, seed=k)
+                 for b in p.budgets for k in seeds), "S(M)")
 
     log(f"calibrating Reverse Sigmoid at budget {p.calibration_budget} "
         f"(beta {list(p.betas)} x gamma {list(p.gammas)})")
@@ -277,8 +288,10 @@ def run_experiment(ds: Dataset, model: nn.Module, profile: Profile, seed: int = 
         f"({calibration['reason']})")
 
     log("S(M, Reverse Sigmoid) and ArgmaxSample curves")
-    exp.run_all((Run("curve", "sample", rs, b) for b in p.budgets), "S(M, RS)")
-    exp.run_all((Run("curve", "argmax", NO_DEFENSE, b) for b in p.argmax_budgets), "argmax")
+    exp.run_all((Run("curve", "sample", rs, b, seed=k) for b in p.budgets for k in seeds),
+                "S(M, RS)")
+    exp.run_all((Run("curve", "argmax", NO_DEFENSE, b, seed=k)
+                 for b in p.argmax_budgets for k in seeds), "argmax")
 
     log(f"Table I: the other defenses at budget {p.table_budget}")
     exp.run_all((Run("table", "sample", d, p.table_budget) for d in p.other_defenses), "Table I")

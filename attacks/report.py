@@ -30,9 +30,18 @@ def _params(defense: dict) -> str:
 
 
 def curve(runs: list[dict], strategy: str, defense: str) -> dict[int, dict]:
-    """{budget: record} of the agreement-vs-budget curve of a strategy and defense."""
-    return {r["budget"]: r for r in runs if r["stage"] == "curve"
-            and r["strategy"] == strategy and r["defense"]["name"] == defense}
+    """{budget: point} of the agreement-vs-budget curve of a strategy and defense. A point
+    is the first seed's record with agreement and accuracy replaced by their mean over the
+    seeds run at that budget, and "seeds" their number."""
+    groups: dict[int, list[dict]] = {}
+    for r in runs:
+        if r["stage"] == "curve" and r["strategy"] == strategy \
+                and r["defense"]["name"] == defense:
+            groups.setdefault(r["budget"], []).append(r)
+    return {b: {**rs[0], "seeds": len(rs),
+                "agreement": sum(r["agreement"] for r in rs) / len(rs),
+                "accuracy": sum(r["accuracy"] for r in rs) / len(rs)}
+            for b, rs in groups.items()}
 
 
 def label_factor(sample: dict[int, dict], argmax: dict[int, dict]) -> list[dict]:
@@ -100,6 +109,14 @@ def check_targets(runs: list[dict]) -> list[dict]:
     return out
 
 
+def _seeds_text(runs: list[dict]) -> str:
+    seeds = sorted({r.get("seed", 0) for r in runs if r["stage"] == "curve"})
+    if len(seeds) > 1:
+        return (f"each point of the agreement-vs-queries curves is the mean of {len(seeds)} "
+                f"attacker seeds ({', '.join(map(str, seeds))}); every other cell is one run.")
+    return "one run (one seed) per cell."
+
+
 def _fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:.2f}"
 
@@ -120,7 +137,7 @@ def render(results: dict) -> str:
         f"{meta['split']['test']} held-out test samples. The attacker has "
         f"{meta['split']['attacker']} unlabeled samples (33% of the training data) and trains "
         f"{meta['attacker_architecture']}. Agreement is top-1 agreement with M on the test "
-        "samples; one run (one seed) per cell.", ""]
+        f"samples; {_seeds_text(runs)}", ""]
     temperature = meta.get("attacker_temperature", 1.0)
     if temperature != 1.0:
         lines += [
@@ -181,9 +198,10 @@ def render(results: dict) -> str:
         lines.append("")
 
     tb = meta["table_budget"]
-    table = [r for r in runs if r["budget"] == tb and r["strategy"] == "sample"
-             and r["stage"] in ("curve", "table")]
-    s_m = next((r for r in table if r["defense"]["name"] == "none"), None)
+    table = [point for point in (base.get(tb), rs.get(tb)) if point] + [
+        r for r in runs if r["budget"] == tb and r["strategy"] == "sample"
+        and r["stage"] == "table"]
+    s_m = base.get(tb)
     lines += [f"## Table I: agreements with {tb} queries", "",
               f"| | {ds} |", "|---|---|"]
     if s_m:
@@ -222,8 +240,10 @@ def render(results: dict) -> str:
                   "inputs; like the paper, those pairs are not counted against the budget.", ""]
 
     sb = meta["strategy_budget"]
-    strat = [r for r in runs if r["defense"]["name"] == "none" and r["budget"] == sb
-             and r["stage"] in ("curve", "strategies")]
+    strat = [point for point in (curve(runs, name, "none").get(sb)
+                                 for name in ("sample", "argmax")) if point] + [
+        r for r in runs if r["defense"]["name"] == "none" and r["budget"] == sb
+        and r["stage"] == "strategies"]
     if strat:
         lines += [f"## Query strategies against the undefended model ({sb} queries; Fig. 2)", "",
                   "| Strategy | Agree. | Acc. |", "|---|---|---|"]
@@ -242,14 +262,15 @@ def render(results: dict) -> str:
 
     lines += ["## Reverse Sigmoid (Fig. 1)", "", "![reverse sigmoid](fig1_reverse_sigmoid.png)",
               "", "## Every run", "",
-              "| stage | strategy | defense | budget | agreement | accuracy | cos | MAE | KL | s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| stage | strategy | defense | budget | seed | agreement | accuracy | cos | MAE | "
+              "KL | s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         d = r["defense"]
         name = d["name"] + (f" ({_params(d)})" if d["params"] else "")
         lines.append(f"| {r['stage']} | {r['strategy']} | {name} | {r['budget']} | "
-                     f"{r['agreement']:.3f} | {r['accuracy']:.3f} | {r['cosine']:.3f} | "
-                     f"{r['mae']:.3f} | {r['kl']:.3f} | {r['seconds']:.0f} |")
+                     f"{r.get('seed', 0)} | {r['agreement']:.3f} | {r['accuracy']:.3f} | "
+                     f"{r['cosine']:.3f} | {r['mae']:.3f} | {r['kl']:.3f} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -257,3 +257,19 @@ def test_profiles_have_positive_budgets():
         for quick in (True, False):
             p = profile_for(ds, quick)
             assert min(p.budgets) > 0 and p.table_budget in p.budgets
+
+
+def test_curve_points_are_the_mean_of_their_seeds_and_decide_the_label_factor():
+    from stealguard.attacks.report import curve, label_factor
+
+    def record(strategy, budget, seed, agreement):
+        return {"stage": "curve", "strategy": strategy, "defense": {"name": "none"},
+                "budget": budget, "seed": seed, "agreement": agreement, "accuracy": agreement}
+
+    runs = [record("sample", 250, 0, 0.96), record("sample", 250, 1, 0.94),
+            record("argmax", 250, 0, 0.90), record("argmax", 250, 1, 0.92),
+            record("argmax", 1000, 0, 0.95), record("argmax", 1000, 1, 0.951)]
+    sample = curve(runs, "sample", "none")
+    assert sample[250]["seeds"] == 2 and sample[250]["agreement"] == pytest.approx(0.95)
+    (row,) = label_factor(sample, curve(runs, "argmax", "none"))
+    assert (row["argmax_budget"], row["factor"]) == (1000, 4.0)  # 0.9505 >= 0.95
