@@ -33,7 +33,18 @@ import grpc
 import numpy as np
 
 # The process helpers of the proxy benchmark, one copy for both.
-from proxy import CONFIG, console_script, free_port, mnist_sample, npy, start, stop, summary
+from proxy import (
+    CONFIG,
+    add_pair_flags,
+    check_pair_flags,
+    console_script,
+    free_port,
+    mnist_sample,
+    npy,
+    start,
+    stop,
+    summary,
+)
 from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc
 
 MODELS = ("mnist-open", "mnist")
@@ -91,20 +102,14 @@ def measure_sidecar(address: str, probs: np.ndarray, calls: int) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=3000, help="pairs of calls measured")
-    parser.add_argument("--warmup", type=int, default=200, help="pairs of calls not measured")
     parser.add_argument("--input", choices=["npy", "png"], default="npy",
                         help="request format (default npy)")
     parser.add_argument("--batch", type=int, default=1, help="images per call (.npy only)")
     parser.add_argument("--torch-threads", type=int, default=2,
                         help="the model server's --torch-threads (default 2)")
-    parser.add_argument("--quick", action="store_true", help="500 pairs")
-    parser.add_argument("--format", choices=["markdown", "json"], default="markdown")
+    add_pair_flags(parser)
     args = parser.parse_args(argv)
-    if args.quick or os.environ.get("STEALGUARD_BENCH_QUICK"):
-        args.calls, args.warmup = min(args.calls, 500), min(args.warmup, 100)
-    if args.calls < 10 or args.warmup < 0:
-        parser.error("--calls must be at least 10 and --warmup at least 0")
+    check_pair_flags(parser, args)
     if args.batch < 1 or (args.input == "png" and args.batch != 1):
         parser.error("--batch must be at least 1, and 1 with --input png")
 

@@ -125,19 +125,29 @@ def summary(ms: np.ndarray) -> dict:
             "mean_ms": float(ms.mean())}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--upstream", choices=["modelserver", "echo"], default="modelserver",
-                        help="the server behind the proxy (default modelserver)")
+def add_pair_flags(parser: argparse.ArgumentParser) -> None:
+    """--calls, --warmup, --quick and --format of a paired latency benchmark."""
     parser.add_argument("--calls", type=int, default=3000, help="pairs of calls measured")
     parser.add_argument("--warmup", type=int, default=200, help="pairs of calls not measured")
     parser.add_argument("--quick", action="store_true", help="500 pairs")
     parser.add_argument("--format", choices=["markdown", "json"], default="markdown")
-    args = parser.parse_args(argv)
+
+
+def check_pair_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Apply --quick (or $STEALGUARD_BENCH_QUICK) and check --calls and --warmup."""
     if args.quick or os.environ.get("STEALGUARD_BENCH_QUICK"):
         args.calls, args.warmup = min(args.calls, 500), min(args.warmup, 100)
     if args.calls < 10 or args.warmup < 0:
         parser.error("--calls must be at least 10 and --warmup at least 0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--upstream", choices=["modelserver", "echo"], default="modelserver",
+                        help="the server behind the proxy (default modelserver)")
+    add_pair_flags(parser)
+    args = parser.parse_args(argv)
+    check_pair_flags(parser, args)
 
     tmp = Path(tempfile.mkdtemp(prefix="stealguard-bench-proxy-"))
     upstream_address, proxy_address = (f"127.0.0.1:{free_port()}" for _ in range(2))
