@@ -193,7 +193,8 @@ async def run_sidecar(config: Config, *, reuse_port: bool = False,
 
     def refuse() -> None:
         servicer.not_serving = "the sidecar is draining; retry on another instance"
-        log.info("draining: %d calls in flight", servicer.in_flight)
+        log.info("draining: %d calls in flight; ended %d idle streams", servicer.in_flight,
+                 servicer.end_idle_streams())
 
     def swap_policies() -> str:
         servicer.policies = PolicySet.from_config(reload().policies, config.secret_bytes())

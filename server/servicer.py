@@ -6,6 +6,7 @@ gRPC status codes in one place (`status_of`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -47,6 +48,16 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
         self.with_metrics = with_metrics
         self.in_flight = 0  # handlers running now (what a drain waits for)
         self.not_serving: str | None = "the sidecar is warming up its kernels; retry shortly"
+        self._idle_streams: set[asyncio.Task] = set()  # streams waiting for a message
+
+    def end_idle_streams(self) -> int:
+        """On drain: end every stream that waits for its next message with UNAVAILABLE
+        (`not_serving`), so that a client's long-lived stream does not hold the drain
+        for the whole grace period. Returns how many were ended."""
+        tasks = list(self._idle_streams)
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
 
     def perturb(self, request: defense_pb2.PerturbRequest) -> defense_pb2.PerturbResponse:
         """Protect one request's probabilities (raises the errors `status_of` maps)."""
@@ -93,8 +104,23 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
             self.in_flight -= 1
 
     async def _stream(self, request_iterator, context):
+        task = asyncio.current_task()
+        requests = request_iterator.__aiter__()
         index = 0
-        async for request in request_iterator:
+        while True:
+            if self.not_serving:  # draining began while this stream was busy: end it now
+                await context.abort(grpc.StatusCode.UNAVAILABLE, self.not_serving)
+            self._idle_streams.add(task)
+            try:
+                request = await requests.__anext__()
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if self.not_serving is None:
+                    raise
+                await context.abort(grpc.StatusCode.UNAVAILABLE, self.not_serving)
+            finally:
+                self._idle_streams.discard(task)
             try:
                 response = self.perturb(request)
             except Exception as error:  # noqa: BLE001
