@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to wait for the sidecar, cut to what is left of the "
                         "caller's deadline, before answering label-only "
                         f"(default {defaults.sidecar_timeout})")
+    parser.add_argument("--sidecar-transport", dest="sidecar_transport",
+                        help="how to reach the sidecar: 'stream' (one long-lived "
+                        "PerturbStream shared by all requests, about a third of a unary "
+                        "call's round trip) or 'unary' (one Perturb per request) "
+                        f"(default {defaults.sidecar_transport})")
     parser.add_argument("--sidecar-tls-ca", dest="sidecar_tls_ca",
                         help="CA (PEM) that signed the sidecar's certificate: call it over TLS")
     parser.add_argument("--sidecar-tls-cert", dest="sidecar_tls_cert",

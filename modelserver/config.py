@@ -27,6 +27,7 @@ ENV = {
     "listen": "STEALGUARD_MODELSERVER_LISTEN",
     "sidecar": "STEALGUARD_SIDECAR",
     "sidecar_timeout": "STEALGUARD_SIDECAR_TIMEOUT",
+    "sidecar_transport": "STEALGUARD_SIDECAR_TRANSPORT",
     "sidecar_tls_ca": "STEALGUARD_SIDECAR_TLS_CA",
     "sidecar_tls_cert": "STEALGUARD_SIDECAR_TLS_CERT",
     "sidecar_tls_key": "STEALGUARD_SIDECAR_TLS_KEY",
@@ -39,6 +40,7 @@ _FILES = ("tls_cert", "tls_key", "tls_ca", "token_file", "sidecar_tls_ca", "side
           "sidecar_tls_key", "sidecar_token_file")
 _POSITIVE_INTS = ("torch_threads", "max_batch", "max_message_bytes", "max_in_flight")
 _ADDRESSES = ("listen", "sidecar")
+TRANSPORTS = ("stream", "unary")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,10 @@ class ServerConfig:
     # Seconds for one sidecar call, shortened to what is left of the caller's deadline;
     # then the answer is label-only (fail-closed).
     sidecar_timeout: float = 1.0
+    # "stream": every protect call is a message on one long-lived PerturbStream, retried
+    # as a unary Perturb if the stream breaks (stealguard.client.stream); "unary": one
+    # Perturb call each.
+    sidecar_transport: str = "stream"
     # TLS to the sidecar (CA to trust; client cert and key for mutual TLS) and the file
     # holding the bearer token the model server presents to it.
     sidecar_tls_ca: str = ""
@@ -132,6 +138,9 @@ def _checked(key: str, value, source: str):
             if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
                 raise ValueError(f"{source}: expected true or false, got {value!r}")
             value = value.lower() in ("1", "true", "yes")
+    elif key == "sidecar_transport":
+        if value not in TRANSPORTS:
+            raise ValueError(f"{source}: expected one of {', '.join(TRANSPORTS)}, got {value!r}")
     elif key == "model_store":
         value = Path(value).expanduser()
         if value.exists() and not value.is_dir():

@@ -67,7 +67,8 @@ def sidecar_client(config: ServerConfig) -> AsyncDefenseClient:
                                       config.sidecar_tls_cert or None,
                                       config.sidecar_tls_key or None)
     return AsyncDefenseClient(config.sidecar, timeout=config.sidecar_timeout,
-                              token=config.read_sidecar_token(), credentials=credentials)
+                              token=config.read_sidecar_token(), credentials=credentials,
+                              stream=config.sidecar_transport == "stream")
 
 
 async def run_modelserver(config: ServerConfig) -> None:
@@ -87,9 +88,10 @@ async def run_modelserver(config: ServerConfig) -> None:
         port = await app.start()
         await app.set_serving(True)
         host = config.listen.rsplit(":", 1)[0]
-        log.info("listening on %s:%d (pid %d)%s%s, sidecar %s%s%s, models: %s", host, port,
-                 os.getpid(), " with TLS" if config.tls_cert else "",
+        log.info("listening on %s:%d (pid %d)%s%s, sidecar %s (%s)%s%s, models: %s", host,
+                 port, os.getpid(), " with TLS" if config.tls_cert else "",
                  " and client certificates" if config.tls_ca else "", config.sidecar,
+                 config.sidecar_transport,
                  " over TLS" if config.sidecar_tls_ca or config.sidecar_tls_cert else "",
                  " with a token" if config.sidecar_token_file else "",
                  ", ".join(sorted(specs)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -88,6 +89,33 @@ def test_npy_batch_gets_one_perturbed_row_per_sample(stack, images):
     protected = client.predict("mnist", data)
     assert raw.shape == (IMAGES, 10) and protected.shape == (IMAGES, 10)
     _assert_is_sidecars_perturbation(protected, raw, defense)
+
+
+def test_concurrent_predictions_each_get_the_perturbation_of_their_own_input(stack, images):
+    """Requests in flight together share the model server's one stream to the sidecar;
+    each answer must still be its own input's perturbation."""
+    client, defense = stack
+    inputs = [npy_bytes(images[i]) for i in range(IMAGES)] * 3
+    raws = [client.predict("mnist-open", data) for data in inputs]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda data: client.predict("mnist", data), inputs))
+    for raw, protected in zip(raws, answers, strict=True):
+        _assert_is_sidecars_perturbation(protected, raw, defense)
+
+
+def test_unary_transport_answers_like_the_stream(default_model, sidecar, tmp_path, images):
+    modelserver, address = start_modelserver(sidecar, tmp_path / "store",
+                                             "--sidecar-transport", "unary")
+    try:
+        modelserver.wait_healthy(address, timeout=STARTUP_TIMEOUT)
+        client, defense = TorchServeClient(address), DefenseClient(sidecar, timeout=10)
+        data = npy_bytes(images)
+        _assert_is_sidecars_perturbation(client.predict("mnist", data),
+                                         client.predict("mnist-open", data), defense)
+        client.close()
+        defense.close()
+    finally:
+        assert modelserver.stop() == 0, modelserver.output()
 
 
 def test_default_model_classifies_real_test_images(stack):

@@ -152,6 +152,13 @@ def test_cli_rejects_a_bad_timeout_in_one_line_with_exit_2():
                                      "must be > 0 seconds, got -1.0")
 
 
+def test_cli_rejects_an_unknown_sidecar_transport_in_one_line_with_exit_2():
+    result = _run_cli("--sidecar-transport", "udp")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("stealguard-modelserver: error: --sidecar-transport: "
+                                     "expected one of stream, unary, got 'udp'")
+
+
 def test_cli_rejects_a_model_store_that_is_a_file(tmp_path):
     store = tmp_path / "store"
     store.write_text("")
