@@ -89,15 +89,10 @@ class Handler:
         if deadline is not None:
             budget = min(budget, deadline - time.monotonic())
         try:
-            if budget <= 0:
-                raise TimeoutError
-            async with asyncio.timeout(budget):
-                return await protect_async(self.sidecar, probs, model=self.spec.policy,
-                                           on_error="raise")
+            return await protect_async(self.sidecar, probs, model=self.spec.policy,
+                                       on_error="raise", timeout=budget)
         except SidecarError as error:
             code, reason = error.code.name, str(error)
-        except TimeoutError:
-            code, reason = "DEADLINE_EXCEEDED", f"no answer within {max(budget, 0):.3f}s"
         log.warning("sidecar failed (%s) for model %r: answering label-only", reason,
                     self.spec.name)
         self.recorder.fail_closed(self.spec.name, code)

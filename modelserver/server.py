@@ -7,6 +7,7 @@ The gRPC plumbing (health, reflection, signals, graceful drain) is the sidecar's
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -86,6 +87,10 @@ async def run_modelserver(config: ServerConfig) -> None:
         add_lenient(inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server,
                     InferenceServicer(models, recorder), app.server)
         port = await app.start()
+        # torch, the models and grpc live as long as the process: keep their objects out
+        # of every later garbage collection pass (as the sidecar does)
+        gc.collect()
+        gc.freeze()
         await app.set_serving(True)
         host = config.listen.rsplit(":", 1)[0]
         log.info("listening on %s:%d (pid %d)%s%s, sidecar %s (%s)%s%s, models: %s", host,

@@ -96,40 +96,38 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
     async def PerturbStream(
         self, request_iterator, context
     ) -> AsyncIterator[defense_pb2.PerturbResponse]:
-        self.in_flight += 1
-        try:
-            async for response in self._stream(request_iterator, context):
-                yield response
-        finally:
-            self.in_flight -= 1
-
-    async def _stream(self, request_iterator, context):
+        """Answers each message in order. A message that fails ends the stream with its
+        status; so does a drain, at once for a stream waiting for its next message."""
         task = asyncio.current_task()
         requests = request_iterator.__aiter__()
         index = 0
-        while True:
-            if self.not_serving:  # draining began while this stream was busy: end it now
-                await context.abort(grpc.StatusCode.UNAVAILABLE, self.not_serving)
-            self._idle_streams.add(task)
-            try:
-                request = await requests.__anext__()
-            except StopAsyncIteration:
-                return
-            except asyncio.CancelledError:
-                if self.not_serving is None:
-                    raise
-                await context.abort(grpc.StatusCode.UNAVAILABLE, self.not_serving)
-            finally:
-                self._idle_streams.discard(task)
-            try:
-                response = self.perturb(request)
-            except Exception as error:  # noqa: BLE001
-                code, message = status_of(error)
-                self._count("PerturbStream", "-", code)
-                await context.abort(code, f"stream message {index}: {message}")
-            self._count("PerturbStream", response.policy, grpc.StatusCode.OK)
-            yield response
-            index += 1
+        self.in_flight += 1
+        try:
+            while True:
+                if self.not_serving:  # draining began while this stream was busy
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, self.not_serving)
+                self._idle_streams.add(task)
+                try:
+                    request = await requests.__anext__()
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    if self.not_serving is None:
+                        raise
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, self.not_serving)
+                finally:
+                    self._idle_streams.discard(task)
+                try:
+                    response = self.perturb(request)
+                except Exception as error:  # noqa: BLE001
+                    code, message = status_of(error)
+                    self._count("PerturbStream", "-", code)
+                    await context.abort(code, f"stream message {index}: {message}")
+                self._count("PerturbStream", response.policy, grpc.StatusCode.OK)
+                yield response
+                index += 1
+        finally:
+            self.in_flight -= 1
 
     async def ListPolicies(self, request, context):
         return defense_pb2.ListPoliciesResponse(

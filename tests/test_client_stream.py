@@ -91,7 +91,16 @@ def test_restarted_sidecar_is_reached_on_a_new_stream():
                 process.stop()
                 down = await protect_async(client, PROBS, timeout=1)
                 process, _ = start_sidecar(port=port)
-                return first, down, await client.perturb(PROBS)
+                # the channel reconnects with backoff, as for unary calls: a model server's
+                # next requests fail closed until it has
+                deadline = time.monotonic() + 30
+                while True:
+                    try:
+                        return first, down, await client.perturb(PROBS)
+                    except SidecarError:
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.2)
 
         first, down, again = asyncio.run(run())
         np.testing.assert_array_equal(down, LABELS)  # sidecar gone: label-only, never raw
