@@ -11,6 +11,7 @@ import numpy as np
 TARGET_DROP = 0.20
 TARGET_DROP_FROM = 1000  # budgets at which the drop must hold
 TARGET_LABEL_FACTOR = 4.0
+TIE = 1e-9  # agreements closer than this are equal
 
 LABELS = {  # the paper's names
     "none": "M",
@@ -45,19 +46,31 @@ def curve(runs: list[dict], strategy: str, defense: str) -> dict[int, dict]:
 
 
 def label_factor(sample: dict[int, dict], argmax: dict[int, dict]) -> list[dict]:
-    """For each Sample budget b: the smallest ArgmaxSample budget reaching Sample's
-    agreement at b, and the factor between them (a lower bound when never reached)."""
+    """How many more queries ArgmaxSample needs than Sample to reach the same agreement.
+
+    For each Sample budget b, the level is Sample's agreement a at b. Each attack is
+    credited with the fewest queries at which its curve reached a — the paper's "needs N
+    queries to reach agreement a". For ArgmaxSample that is the smallest budget reaching a;
+    for Sample it is b, or a smaller budget whose agreement already reached a (a curve that
+    dips at b, from training noise, is not counted as Sample needing b). The factor is
+    ArgmaxSample's queries over Sample's (a lower bound when ArgmaxSample never reached a).
+    """
     rows = []
     for b, rec in sorted(sample.items()):
-        reached = [B for B, r in sorted(argmax.items()) if r["agreement"] >= rec["agreement"]]
+        level = rec["agreement"]
+        # equal agreement counts as reached (means of k/n computed in another order may
+        # differ in the last bit)
+        queries = min(B for B, r in sample.items()
+                      if B <= b and r["agreement"] >= level - TIE)
+        reached = [B for B, r in sorted(argmax.items()) if r["agreement"] >= level - TIE]
+        row = {"budget": b, "sample": level, "sample_queries": queries}
         if reached:
-            rows.append({"budget": b, "sample": rec["agreement"], "argmax_budget": reached[0],
-                         "factor": reached[0] / b, "lower_bound": False})
+            row.update(argmax_budget=reached[0], factor=reached[0] / queries, lower_bound=False)
         else:
             top = max(argmax)
-            rows.append({"budget": b, "sample": rec["agreement"], "argmax_budget": None,
-                         "factor": top / b, "lower_bound": True,
-                         "argmax_best": argmax[top]["agreement"]})
+            row.update(argmax_budget=None, factor=top / queries, lower_bound=True,
+                       argmax_best=argmax[top]["agreement"])
+        rows.append(row)
     return rows
 
 
@@ -99,7 +112,9 @@ def check_targets(runs: list[dict]) -> list[dict]:
         worst = min(r["factor"] for r in rows)
         measured = ", ".join(
             f"{r['budget']}: {'>=' if r['lower_bound'] else ''}{r['factor']:.1f}x"
-            + (" (not reached)" if r["lower_bound"] else "") for r in rows)
+            + (" (not reached)" if r["lower_bound"] else "")
+            + (f" (Sample reached it with {r['sample_queries']})"
+               if r["sample_queries"] < r["budget"] else "") for r in rows)
         unresolved = any(r["lower_bound"] and r["factor"] < TARGET_LABEL_FACTOR for r in rows)
         out.append({"target": f"argmax-only needs >= {TARGET_LABEL_FACTOR:g}x the queries of "
                               "Sample on the undefended model to reach the same agreement",
@@ -184,17 +199,22 @@ def render(results: dict) -> str:
                      f"{drop} | {_fmt(a and a['agreement'])} |")
     lines += ["", "![agreement vs queries](fig4_agreement.png)", ""]
     if base and argmax:
-        lines += ["Queries ArgmaxSample needs to match Sample (undefended):", "",
-                  "| Sample budget | Sample agreement | ArgmaxSample budget reaching it | factor |",
-                  "|---|---|---|---|"]
+        lines += ["Queries ArgmaxSample needs to match Sample (undefended). Each attack is "
+                  "credited with the fewest queries at which its curve reached the level "
+                  "(Sample's agreement at the budget); where Sample's curve dips, an earlier "
+                  "budget of Sample already reached it:", "",
+                  "| Sample budget | Sample agreement | fewest Sample queries reaching it | "
+                  "ArgmaxSample budget reaching it | factor |",
+                  "|---|---|---|---|---|"]
         for row in label_factor(base, argmax):
             if row["lower_bound"]:
-                lines.append(f"| {row['budget']} | {row['sample']:.3f} | not within "
-                             f"{max(argmax)} (best {row['argmax_best']:.3f}) | "
-                             f">= {row['factor']:.1f}x |")
+                lines.append(f"| {row['budget']} | {row['sample']:.3f} | "
+                             f"{row['sample_queries']} | not within {max(argmax)} (best "
+                             f"{row['argmax_best']:.3f}) | >= {row['factor']:.1f}x |")
             else:
                 lines.append(f"| {row['budget']} | {row['sample']:.3f} | "
-                             f"{row['argmax_budget']} | {row['factor']:.1f}x |")
+                             f"{row['sample_queries']} | {row['argmax_budget']} | "
+                             f"{row['factor']:.1f}x |")
         lines.append("")
 
     tb = meta["table_budget"]

@@ -273,3 +273,16 @@ def test_curve_points_are_the_mean_of_their_seeds_and_decide_the_label_factor():
     assert sample[250]["seeds"] == 2 and sample[250]["agreement"] == pytest.approx(0.95)
     (row,) = label_factor(sample, curve(runs, "argmax", "none"))
     assert (row["argmax_budget"], row["factor"]) == (1000, 4.0)  # 0.9505 >= 0.95
+
+
+def test_label_factor_credits_each_attack_with_its_fewest_queries_reaching_the_level():
+    """Where Sample's curve dips (0.90 at 2000 below its 0.93 at 500), Sample already
+    reached 0.90 with 500 queries: the factor is ArgmaxSample's 2000 over 500, not 2000
+    over 2000. Equal agreement counts as reached."""
+    from stealguard.attacks.report import label_factor
+
+    sample = {500: {"agreement": 0.93}, 2000: {"agreement": 0.90}}
+    argmax = {500: {"agreement": 0.80}, 2000: {"agreement": 0.90}, 8000: {"agreement": 0.92}}
+    low, dip = label_factor(sample, argmax)
+    assert (low["sample_queries"], low["lower_bound"], low["factor"]) == (500, True, 16.0)
+    assert (dip["sample_queries"], dip["argmax_budget"], dip["factor"]) == (500, 2000, 4.0)
