@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from stealguard.client.stream import PerturbStream, StreamBroken
+from stealguard.client.stream import BlockingPerturbStream, PerturbStream, StreamBroken
 from stealguard.server.codec import array_to_tensor, tensor_to_array
 from stealguard.v1 import defense_pb2, defense_pb2_grpc
 
@@ -102,11 +102,16 @@ class _Base:
 
 
 class DefenseClient(_Base):
-    """Blocking client: `perturb(probs, model="", logits=False) -> np.ndarray`."""
+    """Blocking client: `perturb(probs, model="", logits=False) -> np.ndarray`.
+
+    `stream=True`: every `perturb` is one message on a long-lived `PerturbStream` shared by
+    the threads that call it (as `AsyncDefenseClient(stream=True)`; a reader thread hands
+    out the answers). Create it in the process that uses it, after any fork.
+    """
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float = 1.0, *,
                  token: str | None = None, credentials: grpc.ChannelCredentials | None = None,
-                 options: list[tuple[str, Any]] | None = None):
+                 options: list[tuple[str, Any]] | None = None, stream: bool = False):
         super().__init__(target, timeout, token, credentials)
         args = _channel_args(options)
         self.channel = (
@@ -115,6 +120,7 @@ class DefenseClient(_Base):
             else grpc.insecure_channel(target, options=args)
         )
         self._stub = defense_pb2_grpc.DefenseStub(self.channel)
+        self._stream = BlockingPerturbStream(self._stub, self._metadata) if stream else None
 
     def perturb(self, probs: np.ndarray, model: str = "", logits: bool = False, *,
                 request_id: str = "", timeout: float | None = None) -> np.ndarray:
@@ -123,11 +129,20 @@ class DefenseClient(_Base):
         `timeout`: seconds for this call (default: the client's), e.g. what is left of the
         caller's own deadline."""
         request = _request(probs, model, logits, request_id)
+        seconds = self._timeout(timeout)
+        deadline = time.monotonic() + seconds
         try:
-            response = self._stub.Perturb(request, timeout=self._timeout(timeout),
-                                          metadata=self._metadata)
+            if self._stream is not None:
+                try:
+                    return tensor_to_array(self._stream.send(request, seconds).probabilities)
+                except StreamBroken:
+                    # one retry of this request alone, within what is left of its deadline
+                    seconds = self._timeout(deadline - time.monotonic())
+            response = self._stub.Perturb(request, timeout=seconds, metadata=self._metadata)
         except grpc.RpcError as error:
             raise SidecarError(error.code(), error.details() or "") from None
+        except TimeoutError as error:
+            raise SidecarError(grpc.StatusCode.DEADLINE_EXCEEDED, str(error)) from None
         return tensor_to_array(response.probabilities)
 
     def policies(self) -> list[dict[str, Any]]:
@@ -141,6 +156,8 @@ class DefenseClient(_Base):
         return _policies(response)
 
     def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
         self.channel.close()
 
     def __enter__(self) -> DefenseClient:

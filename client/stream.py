@@ -1,4 +1,5 @@
-"""One long-lived `PerturbStream` that concurrent `perturb` calls share.
+"""One long-lived `PerturbStream` that concurrent `perturb` calls share: `PerturbStream`
+for `AsyncDefenseClient(stream=True)`, `BlockingPerturbStream` for `DefenseClient(stream=True)`.
 
 A unary `Perturb` pays for a new HTTP/2 stream, its headers and its trailers on every call;
 on an open `PerturbStream` each request is one message each way. On this project's 2-core
@@ -17,6 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import queue
+import threading
+from concurrent.futures import Future
 
 import grpc
 from stealguard.v1 import defense_pb2
@@ -112,3 +116,85 @@ class PerturbStream:
             self._stream.cancel()
             await asyncio.gather(self._stream.reader, return_exceptions=True)
             self._stream = None
+
+
+class _BlockingStream:
+    """One open call of the blocking client: a queue feeds its request iterator, a reader
+    thread hands each answer to the thread waiting for it."""
+
+    def __init__(self, stub, metadata, lock: threading.Lock):
+        self.requests: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting: dict[str, Future] = {}
+        self.ended = False
+        self._lock = lock  # the owner's: registering a request and ending exclude each other
+        self.call = stub.PerturbStream(self._send(), metadata=metadata)
+        self.reader = threading.Thread(target=self._read, name="stealguard-stream", daemon=True)
+        self.reader.start()
+
+    def _send(self):
+        while (request := self.requests.get()) is not None:
+            yield request
+
+    def _read(self) -> None:
+        reason = "the sidecar closed the stream"
+        try:
+            for response in self.call:
+                future = self.waiting.get(response.request_id)
+                if future is not None and not future.done():
+                    future.set_result(response)
+        except grpc.RpcError as error:
+            reason = f"{error.code().name}: {error.details() or ''}"
+        finally:
+            with self._lock:
+                self.ended = True
+                waiting = list(self.waiting.values())
+            for future in waiting:
+                if not future.done():
+                    future.set_exception(StreamBroken(reason))
+            self.requests.put(None)  # ends the request iterator
+
+    def cancel(self) -> None:
+        self.requests.put(None)
+        self.call.cancel()
+
+
+class BlockingPerturbStream:
+    """`PerturbStream`'s blocking form, safe to share between threads. The same sharing,
+    matching by key and `StreamBroken` rule; create it in the process that uses it."""
+
+    def __init__(self, stub, metadata):
+        self._stub = stub
+        self._metadata = metadata
+        self._stream: _BlockingStream | None = None
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+
+    def send(self, request: defense_pb2.PerturbRequest,
+             timeout: float) -> defense_pb2.PerturbResponse:
+        """The sidecar's answer to `request` within `timeout` seconds (TimeoutError after
+        that, StreamBroken if the stream ends first). The request is not changed."""
+        wire = defense_pb2.PerturbRequest()
+        wire.CopyFrom(request)  # the sending thread serialises it later
+        wire.request_id = key = f"{next(self._ids)}/{request.request_id}"
+        future: Future = Future()
+        with self._lock:
+            if self._stream is None or self._stream.ended:
+                self._stream = _BlockingStream(self._stub, self._metadata, self._lock)
+            stream = self._stream
+            stream.waiting[key] = future
+            stream.requests.put(wire)
+        try:
+            response = future.result(timeout)
+        except TimeoutError:
+            raise TimeoutError(f"no answer on the stream within {timeout:.3f}s") from None
+        finally:
+            stream.waiting.pop(key, None)
+        response.request_id = request.request_id
+        return response
+
+    def close(self) -> None:
+        with self._lock:
+            stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.cancel()
+            stream.reader.join(5)

@@ -21,6 +21,9 @@ config file (`torch-model-archiver --config-file`); the extra file `stealguard.y
     policy       STEALGUARD_POLICY           name sent to the sidecar (the model's name);
                                              "none" answers without protection
     timeout      STEALGUARD_SIDECAR_TIMEOUT  seconds per sidecar call (1.0)
+    transport    STEALGUARD_SIDECAR_TRANSPORT  stream (default: one long-lived
+                                             PerturbStream per worker, each call one
+                                             message on it) or unary (one Perturb each)
     output       STEALGUARD_OUTPUT           what the model returns: logits (default) or
                                              probabilities
     input_shape  -                           one sample's shape for the built-in
@@ -52,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "sidecar": "127.0.0.1:50051",
     "policy": None,  # None: the TorchServe model name
     "timeout": 1.0,
+    "transport": "stream",
     "output": "logits",
     "input_shape": None,
 }
@@ -59,6 +63,7 @@ ENVIRONMENT = {
     "sidecar": "STEALGUARD_SIDECAR",
     "policy": "STEALGUARD_POLICY",
     "timeout": "STEALGUARD_SIDECAR_TIMEOUT",
+    "transport": "STEALGUARD_SIDECAR_TRANSPORT",
     "output": "STEALGUARD_OUTPUT",
 }
 SETTINGS_FILES = ("stealguard.yaml", "stealguard.yml", "stealguard.json")
@@ -95,6 +100,8 @@ def load_settings(model_dir: str | os.PathLike | None, model_yaml_config: Mappin
         raise ValueError(f"timeout must be seconds, got {settings['timeout']!r}") from None
     if not settings["timeout"] > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {settings['timeout']}")
+    if settings["transport"] not in ("stream", "unary"):
+        raise ValueError(f"transport must be 'stream' or 'unary', got {settings['transport']!r}")
     if settings["output"] not in ("logits", "probabilities"):
         raise ValueError(f"output must be 'logits' or 'probabilities', got {settings['output']!r}")
     if settings["input_shape"] is not None:
@@ -118,10 +125,12 @@ class StealguardHandler(BaseHandler):
         self.settings = load_settings(properties.get("model_dir"),
                                       getattr(context, "model_yaml_config", None),
                                       context.model_name)
-        self.sidecar = DefenseClient(self.settings["sidecar"], timeout=self.settings["timeout"])
+        self.sidecar = DefenseClient(self.settings["sidecar"], timeout=self.settings["timeout"],
+                                     stream=self.settings["transport"] == "stream")
         self._requests: list[tuple[int, bool]] | None = None
-        log.info("stealguard: model %s protected by sidecar %s, policy %r",
-                 context.model_name, self.settings["sidecar"], self.settings["policy"])
+        log.info("stealguard: model %s protected by sidecar %s (%s), policy %r",
+                 context.model_name, self.settings["sidecar"], self.settings["transport"],
+                 self.settings["policy"])
 
     def preprocess(self, data: list[Mapping[str, Any]]) -> torch.Tensor:
         """Each request's `data` (PNG or .npy) → one float32 batch of all their samples."""

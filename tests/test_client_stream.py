@@ -1,16 +1,24 @@
-"""AsyncDefenseClient(stream=True): one shared PerturbStream, against a real sidecar."""
+"""AsyncDefenseClient(stream=True) and DefenseClient(stream=True): one shared PerturbStream,
+against a real sidecar."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 import pytest
 from _procs import free_port, start_sidecar
-from stealguard.client import AsyncDefenseClient, DefenseClient, SidecarError, protect_async
+from stealguard.client import (
+    AsyncDefenseClient,
+    DefenseClient,
+    SidecarError,
+    protect,
+    protect_async,
+)
 
 LABELS = np.array([[1, 0, 0], [0, 0, 1]], dtype=np.float32)
 PROBS = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], dtype=np.float32)
@@ -136,3 +144,44 @@ def test_draining_sidecar_ends_an_idle_stream_at_once():
         assert process.popen.returncode == 0
     finally:
         process.stop()
+
+
+def test_blocking_client_shares_one_stream_between_threads(sidecar):
+    rows = _rows(40, seed=2)
+    bad = np.full((1, 10), np.nan)
+    with DefenseClient(sidecar, timeout=10, stream=True) as client, \
+            ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda r: client.perturb(r, model="mnist"), rows))
+        with pytest.raises(SidecarError) as error:  # ends the stream; retried alone as unary
+            client.perturb(bad)
+        after = client.perturb(rows[0], model="mnist")  # on a new stream
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not finite" in error.value.details
+    with DefenseClient(sidecar, timeout=10) as unary:
+        for sent, got in zip(rows, answers, strict=True):
+            assert got.tobytes() == unary.perturb(sent, model="mnist").tobytes()
+        assert after.tobytes() == answers[0].tobytes()
+
+
+def test_blocking_client_times_out_on_a_stalled_sidecar_and_fails_closed():
+    process, address = start_sidecar()
+    try:
+        with DefenseClient(address, timeout=30, stream=True) as client:
+            client.perturb(PROBS)  # the stream is open
+            process.popen.send_signal(signal.SIGSTOP)
+            started = time.monotonic()
+            with pytest.raises(SidecarError) as error:
+                client.perturb(PROBS, timeout=0.2)
+            assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - started < 5
+            np.testing.assert_array_equal(protect(client, PROBS, timeout=0.2), LABELS)
+            process.popen.send_signal(signal.SIGCONT)
+            assert client.perturb(PROBS).shape == PROBS.shape  # the stream works again
+    finally:
+        process.popen.send_signal(signal.SIGCONT)
+        process.stop()
+
+
+def test_blocking_client_fails_closed_without_a_sidecar():
+    with DefenseClient(f"127.0.0.1:{free_port()}", timeout=0.5, stream=True) as client:
+        np.testing.assert_array_equal(protect(client, PROBS), LABELS)

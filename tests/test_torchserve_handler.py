@@ -13,7 +13,7 @@ from stealguard.client.torchserve import load_settings  # noqa: E402
 def test_defaults_send_the_torchserve_model_name_to_the_local_sidecar(tmp_path):
     settings = load_settings(tmp_path, None, "mnist", env={})
     assert settings == {"sidecar": "127.0.0.1:50051", "policy": "mnist", "timeout": 1.0,
-                        "output": "logits", "input_shape": None}
+                        "transport": "stream", "output": "logits", "input_shape": None}
 
 
 def test_extra_file_overrides_model_config_and_environment_overrides_both(tmp_path):
@@ -44,6 +44,7 @@ def test_unknown_setting_is_named_with_its_source(tmp_path):
     ({"STEALGUARD_SIDECAR_TIMEOUT": "soon"}, "timeout must be seconds, got 'soon'"),
     ({"STEALGUARD_SIDECAR_TIMEOUT": "0"}, "timeout must be > 0 seconds"),
     ({"STEALGUARD_OUTPUT": "scores"}, "output must be 'logits' or 'probabilities'"),
+    ({"STEALGUARD_SIDECAR_TRANSPORT": "udp"}, "transport must be 'stream' or 'unary'"),
 ])
 def test_bad_values_are_rejected_with_the_key(tmp_path, env, message):
     with pytest.raises(ValueError, match=message):
@@ -57,7 +58,7 @@ def _handler(settings: dict, sidecar: str):
 
     handler = StealguardHandler()  # as TorchServe would have initialised it
     handler.settings = {**settings, "sidecar": sidecar}
-    handler.sidecar = DefenseClient(sidecar, timeout=10)
+    handler.sidecar = DefenseClient(sidecar, timeout=10, stream=True)
     handler.device = torch.device("cpu")
     handler._requests = None
     return handler
