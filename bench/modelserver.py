@@ -15,7 +15,9 @@ long-lived PerturbStream (its default) or with one unary Perturb per request. Re
 p50/p99/mean of each, what protection adds (the difference of the p50s and the p50 of the
 per-pair differences), and the round trips under it: the sidecar's for the same
 probabilities, unary and as one message on an open stream, and the same two against
-bench/echo_server.py (gRPC that does no work: the floor under any out-of-process hop).
+bench/echo_server.py (gRPC that does no work: the floor under any out-of-process hop); all
+from the asyncio client the model server uses, and the sidecar's two again from the blocking
+client the TorchServe handler uses.
 Target: protection adds at most 0.5 ms at p50.
 
 Prints Markdown; writes {"headline": {...}} to $STEALGUARD_BENCH_JSON when set.
@@ -109,6 +111,21 @@ def measure_sidecar(address: str, probs: np.ndarray, calls: int, stream: bool) -
     return asyncio.run(run())
 
 
+def measure_blocking(address: str, probs: np.ndarray, calls: int, stream: bool) -> np.ndarray:
+    """The same round trip from the blocking client (the TorchServe handler's), in ms."""
+    from stealguard.client import DefenseClient
+
+    with DefenseClient(address, timeout=10, stream=stream) as client:
+        for _ in range(min(calls, 200)):
+            client.perturb(probs, model="mnist")
+        times = np.empty(calls)
+        for i in range(calls):
+            started = time.perf_counter_ns()
+            client.perturb(probs, model="mnist")
+            times[i] = (time.perf_counter_ns() - started) / 1e6
+    return times
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--input", choices=["npy", "png"], default="npy",
@@ -148,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         trips = {(name, stream): measure_sidecar(where, raw, args.calls, stream)
                  for name, where in (("sidecar", sidecar_address), ("echo", echo_address))
                  for stream in (False, True)}
+        blocking = {stream: measure_blocking(sidecar_address, raw, args.calls, stream)
+                    for stream in (False, True)}
         load_after = os.getloadavg()[0]
     finally:
         for proc in reversed(procs):
@@ -157,13 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     open_, protected = summary(times["mnist-open"]), summary(times["mnist"])
     alone, echo = summary(trips["sidecar", False]), summary(trips["echo", False])
     alone_stream, echo_stream = summary(trips["sidecar", True]), summary(trips["echo", True])
+    blocking_unary, blocking_stream = summary(blocking[False]), summary(blocking[True])
     added_p50 = protected["p50_ms"] - open_["p50_ms"]
     paired_p50 = float(np.percentile(times["mnist"] - times["mnist-open"], 50))
     result = {"input": args.input, "batch": args.batch, "calls": args.calls,
               "sidecar_transport": args.sidecar_transport,
               "mnist-open": open_, "mnist": protected, "sidecar_perturb": alone,
               "echo_perturb": echo, "sidecar_stream_message": alone_stream,
-              "echo_stream_message": echo_stream,
+              "echo_stream_message": echo_stream, "blocking_sidecar_perturb": blocking_unary,
+              "blocking_sidecar_stream_message": blocking_stream,
               "added_p50_ms": added_p50, "paired_diff_p50_ms": paired_p50,
               "added_p99_ms": protected["p99_ms"] - open_["p99_ms"],
               "load_average": [load_before, load_after], "cores": os.cpu_count()}
@@ -176,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{alone['p50_ms']:.3f} / {alone_stream['p50_ms']:.3f} ms",
             "echo server round trip p50 (no work), unary / stream message":
                 f"{echo['p50_ms']:.3f} / {echo_stream['p50_ms']:.3f} ms",
+            "sidecar round trip p50 from the blocking client, unary / stream message":
+                f"{blocking_unary['p50_ms']:.3f} / {blocking_stream['p50_ms']:.3f} ms",
         }}))
     if args.format == "json":
         print(json.dumps(result, indent=2))
@@ -191,7 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             ("sidecar `Perturb` alone (same probabilities), unary", alone),
             ("sidecar, one message on an open `PerturbStream`", alone_stream),
             ("echo server `Perturb` (same round trip, no work), unary", echo),
-            ("echo server, one message on an open `PerturbStream`", echo_stream))
+            ("echo server, one message on an open `PerturbStream`", echo_stream),
+            ("sidecar from the blocking client (the TorchServe handler's), unary",
+             blocking_unary),
+            ("sidecar from the blocking client, one message on an open stream",
+             blocking_stream))
     for name, s in rows:
         print(f"| {name} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {s['mean_ms']:.3f} |")
     print(f"\nAdded by protection: **{added_p50:.3f} ms at p50** (p50 of per-pair differences "
