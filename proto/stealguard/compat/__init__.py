@@ -1,1 +1,2 @@
-"""Generated code of the inference APIs stealguard speaks besides its own (TorchServe, Open Inference Protocol v2)."""
+"""Generated code of the inference APIs stealguard speaks besides its own
+(TorchServe, Open Inference Protocol v2)."""
