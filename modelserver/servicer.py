@@ -3,7 +3,7 @@
 Each RPC converts the request, calls `Models`, and converts the answer; errors become gRPC
 status codes in one place (`status_of`). `StreamPredictions2` answers every request of the
 stream in order and reports a failed request in its response's `status`, as TorchServe
-does, so one bad request does not end the stream.
+does, so one bad request — even one whose bytes do not parse — does not end the stream.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from stealguard.modelserver.inputs import InputError
 from stealguard.modelserver.metrics import Recorder
 from stealguard.modelserver.store import UnknownModel
 from stealguard.server.interceptors import CLIENT
+from stealguard.server.lenient import UnreadableRequest, reads_unreadable
 
 log = logging.getLogger("stealguard.modelserver")
 
@@ -90,8 +91,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
             await context.abort(failed.code, failed.message)
         yield response
 
+    @reads_unreadable
     async def StreamPredictions2(self, request_iterator, context) -> AsyncIterator:
         async for request in request_iterator:
+            if isinstance(request, UnreadableRequest):  # no sequence_id to echo
+                code = grpc.StatusCode.INVALID_ARGUMENT
+                yield inference_pb2.PredictionResponse(
+                    status=status_pb2.Status(code=code.value[0], message=request.message))
+                continue
             try:
                 yield await self.predict(request, context)
             except PredictionFailed as failed:  # reported in this response's status

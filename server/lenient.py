@@ -5,7 +5,10 @@ INVALID_ARGUMENT with the reason, instead of gRPC's bare UNKNOWN and a logged tr
 
 The generated `add_*_to_server` is called against a recorder to learn the service's
 handlers; each handler's request deserializer is then made lenient (a DecodeError becomes
-an `UnreadableRequest`) and its behaviour aborts on one before the servicer sees it.
+an `UnreadableRequest`) and its behaviour aborts on one before the servicer sees it —
+unless the servicer method is marked `@reads_unreadable`: a streaming method that answers
+each message on its own (TorchServe's StreamPredictions2) then gets the `UnreadableRequest`
+in its request stream and answers it like any other bad request.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ async def relay(replies):
             yield reply
     else:
         await replies
+
+
+def reads_unreadable(method):
+    """Mark a request-streaming servicer method that takes `UnreadableRequest`s itself."""
+    method.reads_unreadable = True
+    return method
 
 
 def kind_of(handler) -> str:
@@ -86,6 +95,8 @@ def _guarded(handler):
                     await _refuse(context, request)
                 async for reply in relay(inner(request, context)):
                     yield reply
+    elif getattr(inner, "reads_unreadable", False):
+        behaviour = inner
     elif not handler.response_streaming:
         async def behaviour(requests, context):
             return await settled(inner(_checked(requests, context), context))

@@ -22,6 +22,7 @@ from _modelserver_helpers import (
 from _procs import health_status
 from google.protobuf import empty_pb2
 from stealguard.client import DefenseClient
+from stealguard.compat.torchserve import inference_pb2
 from stealguard.modelserver.training import trained_model
 
 IMAGES = 4
@@ -176,6 +177,19 @@ def test_stream_predictions2_answers_in_order_and_reports_bad_requests_in_status
     assert "neither a PNG image" in replies[1].status.message
     protected, raw = (np.array(json.loads(replies[i].prediction)) for i in (0, 3))
     _assert_is_sidecars_perturbation(protected, raw, defense)
+
+
+def test_stream_predictions2_reports_bytes_that_do_not_parse_and_goes_on(stack, images):
+    client, _ = stack
+    good = client.request("mnist-open", png_bytes(images[0]), sequence_id="a")
+    method = client.channel.stream_stream(  # bytes in, parsed replies out
+        "/org.pytorch.serve.grpc.inference.InferenceAPIsService/StreamPredictions2",
+        response_deserializer=inference_pb2.PredictionResponse.FromString)
+    replies = list(method(iter([good.SerializeToString(), b"\xff\xff\xff",
+                                good.SerializeToString()]), timeout=30))
+    assert [r.status.code for r in replies] == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0], 0]
+    assert "not a valid message" in replies[1].status.message
+    assert replies[0].prediction == replies[2].prediction
 
 
 def test_stream_predictions_sends_one_response(stack, images):
