@@ -3,6 +3,7 @@
 
     python bench/soak.py                        # 1,000,000 calls (10-20 min on 2 busy cores)
     python bench/soak.py --total 100000         # a shorter run
+    python bench/soak.py --method perturb-stream  # messages on long-lived PerturbStreams
     python bench/soak.py --target HOST:PORT --pid PID   # a sidecar that is already running
 
 Starts `stealguard-sidecar` (default policy: Reverse Sigmoid), warms it with a short
@@ -31,6 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from _procs import script, start_sidecar  # noqa: E402
 
 MAX_ERRORS = 0
+CALLS = {"perturb": "Perturb calls", "perturb-stream": "PerturbStream messages"}
 MAX_GROWTH_MB = 20.0
 STARTUP_TIMEOUT = 600.0  # the sidecar compiles its kernels at start on a cold cache
 
@@ -70,7 +72,7 @@ class RssSampler(threading.Thread):
 
 def load(target: str, pid: int, total: int, args: argparse.Namespace) -> dict:
     """One stealguard-load run of exactly `total` calls; its JSON report."""
-    command = [script("stealguard-load"), "--target", target, "--method", "perturb",
+    command = [script("stealguard-load"), "--target", target, "--method", args.method,
                "--total", str(total), "--concurrency", str(args.concurrency),
                "--procs", str(args.procs), "--batch", str(args.batch),
                "--classes", str(args.classes), "--timeout", "10s", "--server-pid", str(pid),
@@ -93,7 +95,7 @@ def report(args: argparse.Namespace, warm: dict, run: dict, sampler: RssSampler,
         codes[code] = codes.get(code, 0) + n
     lat = run["latency_ms"]
     lines = [
-        f"Soak: {run['requests']:,} Perturb calls ({args.batch}x{args.classes} float32, "
+        f"Soak: {run['requests']:,} {CALLS[args.method]} ({args.batch}x{args.classes} float32, "
         f"Reverse Sigmoid default policy) after a {warm['requests']:,}-call warm-up; closed "
         f"loop, {args.concurrency} callers over {args.procs} load processes; "
         f"{os.cpu_count()} cores shared by client and server.",
@@ -134,6 +136,9 @@ def main() -> int:
     parser.add_argument("--total", type=int, default=1_000_000, help="measured calls")
     parser.add_argument("--warmup-total", type=int, default=None,
                         help="unmeasured calls first (default: 5%% of --total, at most 50,000)")
+    parser.add_argument("--method", choices=["perturb", "perturb-stream"], default="perturb",
+                        help="unary calls, or messages on one long-lived PerturbStream per "
+                        "caller (as the model server sends them)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--procs", type=int, default=2, help="load generator processes")
     parser.add_argument("--batch", type=int, default=1, help="rows per call")
