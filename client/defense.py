@@ -171,8 +171,8 @@ class AsyncDefenseClient(_Base):
     """asyncio client with the same methods as `DefenseClient`, awaited.
 
     `stream=True` sends every `perturb` over one long-lived `PerturbStream` that concurrent
-    calls share, instead of one unary `Perturb` each: the same answers, a round trip about
-    a third as long (see stealguard.client.stream). Create it inside the event loop that
+    calls share, instead of one unary `Perturb` each: the same answers in about half the
+    round trip (see stealguard.client.stream). Create it inside the event loop that
     will use it.
     """
 
