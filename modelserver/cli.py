@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {defaults.sidecar_timeout})")
     parser.add_argument("--sidecar-transport", dest="sidecar_transport",
                         help="how to reach the sidecar: 'stream' (one long-lived "
-                        "PerturbStream shared by all requests, about a third of a unary "
+                        "PerturbStream shared by all requests, about half a unary "
                         "call's round trip) or 'unary' (one Perturb per request) "
                         f"(default {defaults.sidecar_transport})")
     parser.add_argument("--sidecar-tls-ca", dest="sidecar_tls_ca",
