@@ -2,8 +2,11 @@
 and what did it cost.
 
 Installed only when something needs it (tokens, mTLS, a rate limit or metrics), so a
-plain sidecar pays nothing for it. The concurrency limit is gRPC's own
-(`maximum_concurrent_rpcs`), which refuses at once with RESOURCE_EXHAUSTED.
+plain sidecar pays nothing for it. A call is authenticated once; every request is charged
+to the client's rate limit and query count — for a request stream (PerturbStream,
+StreamPredictions2) that is every message, so a stream cannot carry unmetered queries.
+The concurrency limit is gRPC's own (`maximum_concurrent_rpcs`), which refuses at once
+with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         return self._wrap(handler, handler_call_details.method, metadata)
 
     async def _admit(self, context, metadata: dict) -> str:
-        """The client's name; aborts the call when it is not authenticated or over its limit."""
+        """The client's name; aborts the call when it is not authenticated."""
         client = None
         if self.tokens is not None:
             client = self.tokens.client_of(metadata.get("authorization"))
@@ -78,6 +81,11 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 client = subject[0].decode(errors="replace")
         if client is None:
             client = str(metadata.get(self.client_header) or ANONYMOUS)[:128]
+        return client
+
+    async def _charge(self, context, client: str) -> None:
+        """One request of `client`: refused (the call aborted) over its rate limit,
+        counted for metrics."""
         if self.limiter is not None and not self.limiter.allow(client):
             if self.with_metrics:
                 metrics.RATE_LIMITED.labels(client).inc()
@@ -88,20 +96,35 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             )
         if self.with_metrics:
             metrics.CLIENT_QUERIES.labels(client).inc()
-        return client
+
+    async def _charged(self, requests, context, client: str):
+        """A request stream whose every message is charged before the servicer sees it."""
+        async for request in requests:
+            await self._charge(context, client)
+            yield request
 
     def _wrap(self, handler, method: str, metadata: dict):
         guard = self
         name = method.rsplit("/", 1)[-1]
 
+        per_message = handler.request_streaming and (
+            guard.limiter is not None or guard.with_metrics)
+
         async def enter(context):
             client = await guard._admit(context, metadata)
+            if not per_message:
+                await guard._charge(context, client)
             if guard.with_metrics:
                 metrics.IN_FLIGHT.inc()
-            return CLIENT.set(client), time.perf_counter()
+            return CLIENT.set(client), time.perf_counter(), client
+
+        def requests_of(request_or_iterator, context, state):
+            if per_message:
+                return guard._charged(request_or_iterator, context, state[2])
+            return request_or_iterator
 
         def leave(state):
-            token, start = state
+            token, start, _ = state
             CLIENT.reset(token)
             if guard.with_metrics:
                 metrics.IN_FLIGHT.dec()
@@ -113,14 +136,16 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             async def behaviour(request_or_iterator, context):
                 state = await enter(context)
                 try:
-                    return await settled(inner(request_or_iterator, context))
+                    return await settled(inner(requests_of(request_or_iterator, context, state),
+                                               context))
                 finally:
                     leave(state)
         else:
             async def behaviour(request_or_iterator, context):
                 state = await enter(context)
                 try:
-                    async for reply in relay(inner(request_or_iterator, context)):
+                    requests = requests_of(request_or_iterator, context, state)
+                    async for reply in relay(inner(requests, context)):
                         yield reply
                 finally:
                     leave(state)

@@ -62,7 +62,8 @@ def test_tls_call_succeeds_and_plaintext_fails(pki):
 def guarded(pki, tmp_path_factory):
     """mTLS + tokens + a rate limit + metrics on one sidecar."""
     tokens = tmp_path_factory.mktemp("tokens") / "tokens.txt"
-    tokens.write_text("# name:token\nshop:s3cret-shop\nlimited:s3cret-limited\n")
+    tokens.write_text("# name:token\nshop:s3cret-shop\nlimited:s3cret-limited\n"
+                      "streamer:s3cret-streamer\n")
     port, metrics_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
     process, _ = start_sidecar(
@@ -122,6 +123,25 @@ def test_rate_limit_per_client_is_resource_exhausted(guarded):
     # another client is not affected
     other = DefenseClient(address, timeout=10, credentials=mtls, token="s3cret-shop")
     assert other.perturb(ROWS).shape == (2, 3)
+
+
+def test_every_message_of_a_stream_is_charged_to_the_rate_limit_and_counted(guarded):
+    """A stream is one call but many queries: it must not carry unmetered ones."""
+    address, mtls, metrics_port = guarded
+    request = defense_pb2.PerturbRequest(probabilities=array_to_tensor(ROWS))
+    with grpc.secure_channel(address, mtls) as channel:
+        replies = defense_pb2_grpc.DefenseStub(channel).PerturbStream(
+            iter([request] * 6), metadata=(("authorization", "Bearer s3cret-streamer"),),
+            timeout=10)
+        answered = []
+        with pytest.raises(grpc.RpcError) as error:
+            for reply in replies:  # burst 3, 2/s: the 4th message in a quick row is refused
+                answered.append(reply)
+    assert len(answered) == 3
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "client 'streamer' is over its rate limit of 2 requests/s" in error.value.details()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
+    assert 'stealguard_client_queries_total{client="streamer"} 3.0' in text.decode()
 
 
 def test_metrics_count_requests_rows_clients_and_distortion(guarded):

@@ -188,6 +188,20 @@ def test_metrics_count_requests_clients_rows_and_distortion(stack, image):
             (("model", "mnist-open"),)) not in after  # unprotected: no distortion series
 
 
+def test_each_stream_predictions2_message_is_one_client_query(stack, image):
+    address, mtls = stack["guarded"], stack["mtls"]
+    before = scrape(stack["metrics_guarded"])
+    request = inference_pb2.PredictionsRequest(model_name="mnist", input={"data": image})
+    with grpc.secure_channel(address, mtls) as channel:
+        replies = list(inference_pb2_grpc.InferenceAPIsServiceStub(channel).StreamPredictions2(
+            iter([request] * 3), metadata=(("authorization", f"Bearer {APP_TOKEN}"),),
+            timeout=30))
+    after = scrape(stack["metrics_guarded"])
+    key = ("stealguard_client_queries_total", (("client", "app"),))
+    assert [r.status.code for r in replies] == [0, 0, 0]
+    assert after[key] - before.get(key, 0.0) == 3
+
+
 def test_sidecar_call_gets_only_what_is_left_of_the_callers_deadline(tmp_path):
     """A sidecar that never answers (a socket nobody serves) with --sidecar-timeout 30:
     the caller's 0.5 s deadline ends the wait, the answer is label-only and counted."""
