@@ -59,9 +59,13 @@ class Config:
     client_header: str = "x-client-id"
     rate_limit: float = 0.0
     rate_burst: int = 0
-    # Proxy mode only (`stealguard-sidecar proxy`): the real model server and its API.
+    # Proxy mode only (`stealguard-sidecar proxy`): the real model server and its API, and
+    # TLS to it (the CA that signed its certificate; a client cert and key for mutual TLS).
     upstream: str = ""
     protocol: str = "torchserve"
+    upstream_tls_ca: str = ""
+    upstream_tls_cert: str = ""
+    upstream_tls_key: str = ""
     policies: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {"default": dict(DEFAULT_POLICY)}
     )
@@ -81,7 +85,8 @@ _INT_KEYS = {"workers", "metrics_port", "max_message_bytes", "max_rows", "max_in
 _FLOAT_KEYS = {"grace", "rate_limit"}
 _BOOL_KEYS = {"json_logs"}
 _STR_KEYS = {"listen", "log_level", "secret", "upstream", "protocol", "tls_cert", "tls_key",
-             "tls_ca", "token_file", "client_header"}
+             "tls_ca", "token_file", "client_header", "upstream_tls_ca", "upstream_tls_cert",
+             "upstream_tls_key"}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 # Keys of the default policy that flags and environment may set.
 _POLICY_OVERRIDES = ("defense", "beta", "gamma")
@@ -98,9 +103,10 @@ def load_config(
     `STEALGUARD_LOG_LEVEL`, `STEALGUARD_SECRET`, `STEALGUARD_METRICS_PORT`,
     `STEALGUARD_MAX_ROWS`, `STEALGUARD_MAX_MESSAGE_BYTES`, `STEALGUARD_DEFENSE`,
     `STEALGUARD_BETA`, `STEALGUARD_GAMMA`, and for proxy mode `STEALGUARD_UPSTREAM`,
-    `STEALGUARD_PROTOCOL`; `STEALGUARD_CONFIG` names the file when `path`
-    is None). `overrides` holds CLI flags by key; None values are ignored. `defense`,
-    `beta` and `gamma` change the `default` policy; a new `defense` replaces its parameters.
+    `STEALGUARD_PROTOCOL`, `STEALGUARD_UPSTREAM_TLS_CA` / `_CERT` / `_KEY`;
+    `STEALGUARD_CONFIG` names the file when `path` is None). `overrides` holds CLI flags by
+    key; None values are ignored. `defense`, `beta` and `gamma` change the `default`
+    policy; a new `defense` replaces its parameters.
     """
     env = os.environ if env is None else env
     config = Config()
@@ -122,6 +128,9 @@ def load_config(
         raise ConfigError("tls_cert and tls_key go together (--tls-cert, --tls-key)")
     if config.tls_ca and not config.tls_cert:
         raise ConfigError("tls_ca (mutual TLS) needs tls_cert and tls_key too")
+    if bool(config.upstream_tls_cert) != bool(config.upstream_tls_key):
+        raise ConfigError("upstream_tls_cert and upstream_tls_key go together "
+                          "(--upstream-tls-cert, --upstream-tls-key)")
     return config
 
 

@@ -25,6 +25,10 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
          "policy 'm': on_unrecognized must be 'reject' or 'pass', got 'drop'"),
         (("--upstream", "h:1"), "policies: {m: {defense: none, outputs: 3}}\n",
          "policy 'm': outputs must be a non-empty list"),
+        (("--upstream", "h:1", "--upstream-tls-cert", "c.pem"), None,
+         "upstream_tls_cert and upstream_tls_key go together"),
+        (("--upstream", "h:1", "--upstream-tls-ca", "/no/such/ca.pem"), None,
+         "--upstream-tls-ca: cannot read /no/such/ca.pem: No such file or directory"),
     ],
 )
 def test_usage_error_is_one_line_naming_the_flag_and_exit_2(tmp_path, args, config, message):

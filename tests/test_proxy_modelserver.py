@@ -73,3 +73,44 @@ def test_a_model_with_policy_none_passes_the_model_servers_answer_unchanged(stac
     request = direct.request("mnist", npy_bytes(images[0]))
     raw = direct.stub.Predictions(request, timeout=30).prediction
     assert json.loads(proxied.stub.Predictions(request, timeout=30).prediction) == json.loads(raw)
+
+
+def test_the_proxy_reaches_a_model_server_that_requires_mutual_tls(sidecar, tmp_path, images):
+    """--upstream-tls-ca/-cert/-key: the upstream takes only clients with a certificate its
+    CA signed, so the proxy can only become SERVING (its upstream answers Ping) and answer
+    over mutual TLS."""
+    import grpc
+    from _certs import make_pki
+    from _procs import Process, free_port, script
+    from stealguard.client import channel_credentials
+    from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc
+
+    pki = make_pki(tmp_path / "pki")
+    modelserver, upstream = start_modelserver(
+        sidecar, tmp_path / "store", "--tls-cert", pki.path("server.pem"),
+        "--tls-key", pki.path("server.key"), "--tls-ca", pki.path("ca.pem"))
+    config = tmp_path / "proxy.yaml"
+    config.write_text(CONFIG)
+    address = f"127.0.0.1:{free_port()}"
+    proxy = Process([script("stealguard-sidecar"), "proxy", "--listen", address,
+                     "--upstream", upstream, "--config", str(config), "--health-interval",
+                     "0.2", "--upstream-tls-ca", pki.path("ca.pem"),
+                     "--upstream-tls-cert", pki.path("client.pem"),
+                     "--upstream-tls-key", pki.path("client.key")])
+    try:
+        proxy.wait_healthy(address, timeout=300)
+        data = npy_bytes(images[0])
+        request = inference_pb2.PredictionsRequest(model_name="mnist-open", input={"data": data})
+        mtls = channel_credentials(pki.path("ca.pem"), pki.path("client.pem"),
+                                   pki.path("client.key"))
+        with grpc.secure_channel(upstream, mtls) as channel:
+            raw = json.loads(inference_pb2_grpc.InferenceAPIsServiceStub(channel).Predictions(
+                request, timeout=30).prediction)
+        proxied = TorchServeClient(address)
+        got = proxied.predict("mnist-open", data)
+        proxied.close()
+        with DefenseClient(sidecar, timeout=10) as defense:
+            assert got.tolist() == defense.perturb(np.array(raw)).tolist()
+    finally:
+        proxy.stop()
+        modelserver.stop()

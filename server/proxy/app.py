@@ -17,7 +17,7 @@ from stealguard.server.defenses import warm_up
 from stealguard.server.proxy.errors import UpstreamError
 from stealguard.server.proxy.options import ProxyPolicies
 from stealguard.server.proxy.torchserve import TorchServeProxy
-from stealguard.server.proxy.upstream import Upstream
+from stealguard.server.proxy.upstream import Upstream, upstream_credentials
 from stealguard.server.proxy.v2 import V2Proxy
 from stealguard.server.server import GrpcApp
 
@@ -34,7 +34,10 @@ async def run_proxy(config: Config, *, reuse_port: bool = False, health_interval
     `reload` and swaps in the new policies between calls; a bad config keeps the old ones.
     """
     policies = ProxyPolicies.from_config(config.policies, config.secret_bytes())
-    upstream = Upstream(config.upstream, max_message_bytes=config.max_message_bytes)
+    credentials = upstream_credentials(config.upstream_tls_ca, config.upstream_tls_cert,
+                                       config.upstream_tls_key)
+    upstream = Upstream(config.upstream, max_message_bytes=config.max_message_bytes,
+                        credentials=credentials)
     proxy = PROTOCOLS[config.protocol](upstream, policies)
     app = GrpcApp.from_config(config, [proxy.service], reuse_port=reuse_port)
     proxy.add_to(app.server)
@@ -55,9 +58,9 @@ async def run_proxy(config: Config, *, reuse_port: bool = False, health_interval
         app.reload_on_sighup(swap_policies)
     app.serve_metrics(config.metrics_port)
     host = config.listen.rsplit(":", 1)[0]
-    log.info("proxy (%s) listening on %s:%d (pid %d)%s for upstream %s, policies: %s",
+    log.info("proxy (%s) listening on %s:%d (pid %d)%s for upstream %s%s, policies: %s",
              config.protocol, host, port, os.getpid(), " with TLS" if app.credentials else "",
-             config.upstream, _names(policies))
+             config.upstream, " over TLS" if credentials else "", _names(policies))
     seconds = await app.unless_stopped(warm_up)
     if seconds is not None:  # None: a stop signal came during the warm-up
         log.info("kernels warm in %.2fs", seconds)

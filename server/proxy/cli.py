@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "API (also `upstream:` in the config, STEALGUARD_UPSTREAM)")
     parser.add_argument("--protocol", choices=PROTOCOL_NAMES,
                         help="API of the upstream (default torchserve)")
+    parser.add_argument("--upstream-tls-ca", dest="upstream_tls_ca",
+                        help="CA (PEM) that signed the upstream's certificate: reach the "
+                        "upstream over TLS (STEALGUARD_UPSTREAM_TLS_CA)")
+    parser.add_argument("--upstream-tls-cert", dest="upstream_tls_cert",
+                        help="client certificate (PEM) for mutual TLS with the upstream")
+    parser.add_argument("--upstream-tls-key", dest="upstream_tls_key",
+                        help="client private key (PEM) for mutual TLS with the upstream")
     parser.add_argument("--config", help="YAML config file (also STEALGUARD_CONFIG)")
     parser.add_argument("--defense", help="defense of the default policy (e.g. reverse_sigmoid)")
     parser.add_argument("--beta", type=float, help="beta of the default policy")
@@ -69,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         if config.protocol not in PROTOCOL_NAMES:
             raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOL_NAMES)}, got "
                               f"{config.protocol!r}")
+        from stealguard.server.proxy.upstream import upstream_credentials
+
+        upstream_credentials(config.upstream_tls_ca, config.upstream_tls_cert,
+                             config.upstream_tls_key)  # a bad file is an error now, not later
         config.ensure_secret()
         configure_logging(config.log_level, config.json_logs)
         # Imported here: numba and grpc load only once the arguments are known to be good.

@@ -1,5 +1,8 @@
 """The channel to the real model server: forwards a call with its metadata and deadline.
 
+Plaintext, or TLS when `credentials` are given (`upstream_credentials`: the CA that signed
+the upstream's certificate, and a client certificate for mutual TLS).
+
 Request metadata goes upstream unchanged (authorization included) except the headers
 that belong to one hop (user-agent, pseudo-headers, grpc-timeout...); the caller's
 remaining deadline becomes the upstream call's timeout. An error status of the upstream
@@ -9,6 +12,7 @@ becomes `UpstreamError` with the same code and message.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,18 +34,39 @@ def forwardable(metadata: Metadata | None) -> tuple[tuple[str, Any], ...]:
     )
 
 
-class Upstream:
-    """One grpc.aio channel to `address`, created inside the running event loop."""
+def upstream_credentials(ca: str = "", cert: str = "",
+                         key: str = "") -> grpc.ChannelCredentials | None:
+    """TLS credentials for the upstream channel from PEM files; None (plaintext) without a
+    CA. OSError naming the flag of a file that cannot be read."""
+    if not (ca or cert or key):
+        return None
+    if not ca:
+        raise OSError("--upstream-tls-cert/--upstream-tls-key need --upstream-tls-ca: the CA "
+                      "that signed the upstream's certificate")
+    pems = {}
+    for flag, path in (("--upstream-tls-ca", ca), ("--upstream-tls-cert", cert),
+                       ("--upstream-tls-key", key)):
+        try:
+            pems[flag] = Path(path).read_bytes() if path else None
+        except OSError as error:
+            raise OSError(f"{flag}: cannot read {path}: {error.strerror}") from None
+    return grpc.ssl_channel_credentials(pems["--upstream-tls-ca"], pems["--upstream-tls-key"],
+                                        pems["--upstream-tls-cert"])
 
-    def __init__(self, address: str, *, max_message_bytes: int):
+
+class Upstream:
+    """One grpc.aio channel to `address` (TLS with `credentials`), created inside the
+    running event loop."""
+
+    def __init__(self, address: str, *, max_message_bytes: int,
+                 credentials: grpc.ChannelCredentials | None = None):
         self.address = address
-        self.channel = grpc.aio.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        self.channel = (grpc.aio.secure_channel(address, credentials, options=options)
+                        if credentials else grpc.aio.insecure_channel(address, options=options))
 
     def _options(self, context: grpc.aio.ServicerContext) -> dict[str, Any]:
         return {
