@@ -11,7 +11,8 @@ TorchServe API (`InferenceAPIsService`), input `data` = a .npy array of shape (6
   digits         the probability vector, or a list of vectors for a batch (base handler)
   digits-topk    the image classifier's top-3 {label: prob} dict (a list of them for a batch)
   digits-label*  {"label": <digit>}, no probabilities
-  echo-metadata  {"metadata": {key: value}, "time_remaining": seconds or null}
+  echo-metadata  {"metadata": {key: value}, "time_remaining": seconds or null}, with
+                 initial metadata x-upstream-initial and trailing x-upstream-trailing
   fail           RESOURCE_EXHAUSTED "model fail: queue is full" + trailing x-upstream-reason
   StreamPredictions answers one message per row; StreamPredictions2 one per request.
 
@@ -69,6 +70,11 @@ def _abort_fail(context):
                          trailing_metadata=(("x-upstream-reason", "full"),))
 
 
+async def _echo_headers(context) -> None:
+    await context.send_initial_metadata((("x-upstream-initial", "yes"),))
+    context.set_trailing_metadata((("x-upstream-trailing", "yes"),))
+
+
 class TorchServeUpstream(inference_pb2_grpc.InferenceAPIsServiceServicer):
     def __init__(self, model):
         self.model = model
@@ -100,6 +106,8 @@ class TorchServeUpstream(inference_pb2_grpc.InferenceAPIsServiceServicer):
     async def Predictions(self, request, context):
         if request.model_name == "fail":
             await _abort_fail(context)
+        if request.model_name == "echo-metadata":
+            await _echo_headers(context)
         predictions = self.predict(request, context)
         if not predictions:
             await context.abort(grpc.StatusCode.NOT_FOUND,
@@ -116,6 +124,7 @@ class TorchServeUpstream(inference_pb2_grpc.InferenceAPIsServiceServicer):
             yield inference_pb2.PredictionResponse(prediction=self.predict(single, context)[0])
 
     async def StreamPredictions2(self, request_iterator, context):
+        await _echo_headers(context)
         async for request in request_iterator:
             yield inference_pb2.PredictionResponse(
                 prediction=self.predict(request, context)[0],

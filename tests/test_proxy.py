@@ -134,6 +134,17 @@ def test_request_metadata_and_deadline_are_forwarded(proxy):
     assert json.loads(no_deadline.prediction)["time_remaining"] is None
 
 
+def test_the_upstreams_initial_and_trailing_metadata_come_back(proxy):
+    _, call = stub(proxy).Predictions.with_call(request("echo-metadata", SAMPLES[0]),
+                                                timeout=10)
+    assert ("x-upstream-initial", "yes") in tuple(call.initial_metadata())
+    assert ("x-upstream-trailing", "yes") in tuple(call.trailing_metadata())
+    replies = stub(proxy).StreamPredictions2(iter([request("digits", SAMPLES[0])]), timeout=10)
+    assert len(list(replies)) == 1
+    assert ("x-upstream-initial", "yes") in tuple(replies.initial_metadata())
+    assert ("x-upstream-trailing", "yes") in tuple(replies.trailing_metadata())
+
+
 def test_unrecognized_answer_is_rejected_by_default(proxy):
     with pytest.raises(grpc.RpcError) as error:
         predict(proxy, "digits-label", SAMPLES[0])

@@ -5,8 +5,9 @@ the upstream's certificate, and a client certificate for mutual TLS).
 
 Request metadata goes upstream unchanged (authorization included) except the headers
 that belong to one hop (user-agent, pseudo-headers, grpc-timeout...); the caller's
-remaining deadline becomes the upstream call's timeout. An error status of the upstream
-becomes `UpstreamError` with the same code and message.
+remaining deadline becomes the upstream call's timeout. The upstream's initial and trailing
+metadata come back to the caller by the same rule. An error status of the upstream
+becomes `UpstreamError` with the same code, message and trailing metadata.
 """
 
 from __future__ import annotations
@@ -54,6 +55,19 @@ def upstream_credentials(ca: str = "", cert: str = "",
                                         pems["--upstream-tls-cert"])
 
 
+async def _send_initial(call, context) -> None:
+    """The upstream's initial metadata, on to the caller (nothing sent when none is left)."""
+    initial = forwardable(await call.initial_metadata())
+    if initial:
+        await context.send_initial_metadata(initial)
+
+
+def _set_trailing(trailing: Metadata | None, context) -> None:
+    kept = forwardable(trailing)
+    if kept:
+        context.set_trailing_metadata(kept)
+
+
 class Upstream:
     """One grpc.aio channel to `address` (TLS with `credentials`), created inside the
     running event loop."""
@@ -83,17 +97,23 @@ class Upstream:
 
     async def unary(self, method: Callable, request: Any, context) -> Any:
         """Call a unary-response `method` of a stub on this channel, as `context`'s caller did."""
+        call = method(request, **self._options(context))
         try:
-            return await method(request, **self._options(context))
+            response = await call
         except grpc.aio.AioRpcError as rpc_error:
             raise self.error(rpc_error) from None
+        await _send_initial(call, context)
+        _set_trailing(await call.trailing_metadata(), context)
+        return response
 
     async def stream(self, method: Callable, request: Any, context) -> AsyncIterator[Any]:
         """Call a stream-response `method` (request may be an async iterator); yield replies."""
         call = method(request, **self._options(context))
         try:
+            await _send_initial(call, context)
             async for response in call:
                 yield response
+            _set_trailing(await call.trailing_metadata(), context)
         except grpc.aio.AioRpcError as rpc_error:
             raise self.error(rpc_error) from None
         finally:
