@@ -20,6 +20,10 @@ from stealguard.server.codec import array_to_tensor, tensor_to_array
 from stealguard.v1 import defense_pb2, defense_pb2_grpc
 
 _MAX_MESSAGE = 64 * 1024 * 1024
+# After the shared stream could not reach the sidecar (UNAVAILABLE: down, restarting,
+# draining), perturb calls go unary for this many seconds, so that an outage does not cost
+# every call a failed stream first.
+STREAM_PAUSE = 1.0
 # A sidecar that is warming up or draining answers UNAVAILABLE: try another connection
 # (another worker or replica) within the call's deadline before giving up.
 _SERVICE_CONFIG = json.dumps({
@@ -91,6 +95,15 @@ class _Base:
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._credentials = credentials
+        self._stream = None
+        self._stream_paused_until = 0.0
+
+    def _stream_usable(self) -> bool:
+        return self._stream is not None and time.monotonic() >= self._stream_paused_until
+
+    def _stream_broke(self, broken: StreamBroken) -> None:
+        if broken.code == grpc.StatusCode.UNAVAILABLE:
+            self._stream_paused_until = time.monotonic() + STREAM_PAUSE
 
     def _timeout(self, timeout: float | None) -> float:
         if timeout is None:
@@ -132,11 +145,12 @@ class DefenseClient(_Base):
         seconds = self._timeout(timeout)
         deadline = time.monotonic() + seconds
         try:
-            if self._stream is not None:
+            if self._stream_usable():
                 try:
                     return tensor_to_array(self._stream.send(request, seconds).probabilities)
-                except StreamBroken:
+                except StreamBroken as broken:
                     # one retry of this request alone, within what is left of its deadline
+                    self._stream_broke(broken)
                     seconds = self._timeout(deadline - time.monotonic())
             response = self._stub.Perturb(request, timeout=seconds, metadata=self._metadata)
         except grpc.RpcError as error:
@@ -196,13 +210,14 @@ class AsyncDefenseClient(_Base):
         seconds = self._timeout(timeout)
         deadline = time.monotonic() + seconds
         try:
-            if self._stream is not None:
+            if self._stream_usable():
                 try:
                     async with asyncio.timeout(seconds):
                         response = await self._stream.send(request)
                     return tensor_to_array(response.probabilities)
-                except StreamBroken:
+                except StreamBroken as broken:
                     # one retry of this request alone, within what is left of its deadline
+                    self._stream_broke(broken)
                     seconds = self._timeout(deadline - time.monotonic())
             response = await self._stub.Perturb(request, timeout=seconds,
                                                 metadata=self._metadata)

@@ -27,11 +27,13 @@ from stealguard.v1 import defense_pb2
 
 
 class StreamBroken(Exception):
-    """The stream ended before this request's answer came; `reason` says how."""
+    """The stream ended before this request's answer came; `reason` says how, `code` is the
+    stream's gRPC status when it ended with one."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, code: grpc.StatusCode | None = None):
         super().__init__(reason)
         self.reason = reason
+        self.code = code
 
 
 class _Stream:
@@ -44,21 +46,21 @@ class _Stream:
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
-        reason = "the sidecar closed the stream"
+        reason, code = "the sidecar closed the stream", None
         try:
             async for response in self.call:
                 future = self.waiting.get(response.request_id)
                 if future is not None and not future.done():
                     future.set_result(response)
         except grpc.RpcError as error:
-            reason = f"{error.code().name}: {error.details() or ''}"
+            reason, code = f"{error.code().name}: {error.details() or ''}", error.code()
         except asyncio.CancelledError:
             reason = "the client closed the stream"
         finally:
             self.ended = True
             for future in self.waiting.values():
                 if not future.done():
-                    future.set_exception(StreamBroken(reason))
+                    future.set_exception(StreamBroken(reason, code))
 
     def cancel(self) -> None:
         self.call.cancel()
@@ -100,8 +102,9 @@ class PerturbStream:
                 raise
             except (grpc.RpcError, asyncio.InvalidStateError) as error:
                 stream.waiting.pop(key, None)
-                raise StreamBroken(f"the stream ended before the request was sent: {error}") \
-                    from None
+                code = error.code() if isinstance(error, grpc.RpcError) else None
+                raise StreamBroken(f"the stream ended before the request was sent: {error}",
+                                   code) from None
             finally:
                 request.request_id = caller_id
         try:
@@ -136,21 +139,21 @@ class _BlockingStream:
             yield request
 
     def _read(self) -> None:
-        reason = "the sidecar closed the stream"
+        reason, code = "the sidecar closed the stream", None
         try:
             for response in self.call:
                 future = self.waiting.get(response.request_id)
                 if future is not None and not future.done():
                     future.set_result(response)
         except grpc.RpcError as error:
-            reason = f"{error.code().name}: {error.details() or ''}"
+            reason, code = f"{error.code().name}: {error.details() or ''}", error.code()
         finally:
             with self._lock:
                 self.ended = True
                 waiting = list(self.waiting.values())
             for future in waiting:
                 if not future.done():
-                    future.set_exception(StreamBroken(reason))
+                    future.set_exception(StreamBroken(reason, code))
             self.requests.put(None)  # ends the request iterator
 
     def cancel(self) -> None:

@@ -185,3 +185,28 @@ def test_blocking_client_times_out_on_a_stalled_sidecar_and_fails_closed():
 def test_blocking_client_fails_closed_without_a_sidecar():
     with DefenseClient(f"127.0.0.1:{free_port()}", timeout=0.5, stream=True) as client:
         np.testing.assert_array_equal(protect(client, PROBS), LABELS)
+
+
+def test_an_unreachable_sidecar_pauses_the_stream_so_each_call_tries_once():
+    """After the stream fails with UNAVAILABLE, calls go straight to unary for a while:
+    no new stream (and, for the blocking client, no new reader thread) per failing call."""
+    address = f"127.0.0.1:{free_port()}"
+    with DefenseClient(address, timeout=0.5, stream=True) as client:
+        np.testing.assert_array_equal(protect(client, PROBS), LABELS)
+        broken = client._stream._stream
+        assert broken is not None and broken.ended
+        for _ in range(20):
+            np.testing.assert_array_equal(protect(client, PROBS), LABELS)
+        assert client._stream._stream is broken  # no stream was opened again
+
+    async def run():
+        async with AsyncDefenseClient(address, timeout=0.5, stream=True) as client:
+            await protect_async(client, PROBS)
+            broken = client._stream._stream
+            answers = [await protect_async(client, PROBS) for _ in range(20)]
+            return broken, client._stream._stream, answers
+
+    broken, after, answers = asyncio.run(run())
+    assert after is broken
+    for answer in answers:
+        np.testing.assert_array_equal(answer, LABELS)
