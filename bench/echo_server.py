@@ -25,6 +25,10 @@ import signal
 import sys
 import time
 
+from stealguard.server.launch import prefer_poller
+
+prefer_poller()  # before grpc is imported: the gRPC I/O the stealguard commands use
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc

@@ -34,6 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from stealguard.server.launch import prefer_poller
+
+prefer_poller()  # before grpc is imported: the gRPC I/O the stealguard commands use
+
 import grpc
 import numpy as np
 
@@ -126,22 +130,35 @@ def measure_blocking(address: str, probs: np.ndarray, calls: int, stream: bool) 
     return times
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--input", choices=["npy", "png"], default="npy",
-                        help="request format (default npy)")
-    parser.add_argument("--batch", type=int, default=1, help="images per call (.npy only)")
-    parser.add_argument("--torch-threads", type=int, default=2,
-                        help="the model server's --torch-threads (default 2)")
-    parser.add_argument("--sidecar-transport", choices=["stream", "unary"], default="stream",
-                        help="the model server's --sidecar-transport (default stream)")
-    add_pair_flags(parser)
-    args = parser.parse_args(argv)
-    check_pair_flags(parser, args)
-    if args.batch < 1 or (args.input == "png" and args.batch != 1):
-        parser.error("--batch must be at least 1, and 1 with --input png")
+LAYOUTS = {
+    "shared": "the OS places every process on any core",
+    "pinned": "the sidecar (and the echo server) on the last core, the model server and "
+              "this client on the others: the README's deployment advice",
+}
 
-    data = request_data(args.input, args.batch)
+
+def cpus_of(layout: str) -> tuple[set[int] | None, set[int] | None]:
+    """(the sidecar's CPUs, everything else's) for a layout; None: wherever the OS likes."""
+    if layout == "shared":
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    return {cpus[-1]}, set(cpus[:-1])
+
+
+def pin_this_process(cpus: set[int]) -> None:
+    """Every thread of this process onto `cpus` (threads started later inherit it)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
+
+
+def run_layout(args: argparse.Namespace, data: bytes, layout: str) -> dict:
+    """Start the processes placed as `layout` says, measure, stop them; the figures."""
+    sidecar_cpus, other_cpus = cpus_of(layout)
+    everywhere = os.sched_getaffinity(0)
+    threads = args.torch_threads or (len(other_cpus) if other_cpus else 2)
     tmp = Path(tempfile.mkdtemp(prefix="stealguard-bench-modelserver-"))
     sidecar_address, address, echo_address = (f"127.0.0.1:{free_port()}" for _ in range(3))
     (tmp / "sidecar.yaml").write_text(CONFIG)
@@ -149,14 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         procs.append(start([console_script("stealguard-sidecar"), "--listen", sidecar_address,
                             "--config", str(tmp / "sidecar.yaml")],
-                           sidecar_address, tmp / "sidecar.log", 600))
+                           sidecar_address, tmp / "sidecar.log", 600, cpus=sidecar_cpus))
         procs.append(start([console_script("stealguard-modelserver"), "--listen", address,
                             "--sidecar", sidecar_address, "--model-store", str(tmp / "store"),
-                            "--torch-threads", str(args.torch_threads),
+                            "--torch-threads", str(threads),
                             "--sidecar-transport", args.sidecar_transport],
-                           address, tmp / "modelserver.log", 600))
+                           address, tmp / "modelserver.log", 600, cpus=other_cpus))
         procs.append(start([sys.executable, str(Path(__file__).with_name("echo_server.py")),
-                            "--listen", echo_address], echo_address, tmp / "echo.log", 60))
+                            "--listen", echo_address], echo_address, tmp / "echo.log", 60,
+                           cpus=sidecar_cpus))
+        if other_cpus:
+            pin_this_process(other_cpus)
         load_before = os.getloadavg()[0]
         times = measure(address, data, args.calls, args.warmup)
         stub = inference_pb2_grpc.InferenceAPIsServiceStub(grpc.insecure_channel(address))
@@ -169,63 +189,118 @@ def main(argv: list[str] | None = None) -> int:
                     for stream in (False, True)}
         load_after = os.getloadavg()[0]
     finally:
+        pin_this_process(everywhere)
         for proc in reversed(procs):
             stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
     open_, protected = summary(times["mnist-open"]), summary(times["mnist"])
-    alone, echo = summary(trips["sidecar", False]), summary(trips["echo", False])
-    alone_stream, echo_stream = summary(trips["sidecar", True]), summary(trips["echo", True])
-    blocking_unary, blocking_stream = summary(blocking[False]), summary(blocking[True])
-    added_p50 = protected["p50_ms"] - open_["p50_ms"]
-    paired_p50 = float(np.percentile(times["mnist"] - times["mnist-open"], 50))
-    result = {"input": args.input, "batch": args.batch, "calls": args.calls,
-              "sidecar_transport": args.sidecar_transport,
-              "mnist-open": open_, "mnist": protected, "sidecar_perturb": alone,
-              "echo_perturb": echo, "sidecar_stream_message": alone_stream,
-              "echo_stream_message": echo_stream, "blocking_sidecar_perturb": blocking_unary,
-              "blocking_sidecar_stream_message": blocking_stream,
-              "added_p50_ms": added_p50, "paired_diff_p50_ms": paired_p50,
-              "added_p99_ms": protected["p99_ms"] - open_["p99_ms"],
-              "load_average": [load_before, load_after], "cores": os.cpu_count()}
+    return {
+        "layout": layout, "sidecar_cpus": sorted(sidecar_cpus or everywhere),
+        "modelserver_cpus": sorted(other_cpus or everywhere), "torch_threads": threads,
+        "mnist-open": open_, "mnist": protected,
+        "sidecar_perturb": summary(trips["sidecar", False]),
+        "sidecar_stream_message": summary(trips["sidecar", True]),
+        "echo_perturb": summary(trips["echo", False]),
+        "echo_stream_message": summary(trips["echo", True]),
+        "blocking_sidecar_perturb": summary(blocking[False]),
+        "blocking_sidecar_stream_message": summary(blocking[True]),
+        "added_p50_ms": protected["p50_ms"] - open_["p50_ms"],
+        "paired_diff_p50_ms": float(np.percentile(times["mnist"] - times["mnist-open"], 50)),
+        "added_p99_ms": protected["p99_ms"] - open_["p99_ms"],
+        "load_average": [load_before, load_after],
+    }
+
+
+def headline(args: argparse.Namespace, results: list[dict]) -> dict[str, str]:
+    figures = {}
+    for r in results:
+        where = f"{r['layout']} cores"
+        figures[f"protection added to Predictions p50 ({args.input}, batch {args.batch}, "
+                f"{args.sidecar_transport}, {where})"] = f"{r['added_p50_ms']:.3f} ms"
+        figures[f"protection added to Predictions p99 ({where})"] = f"{r['added_p99_ms']:.3f} ms"
+        figures[f"sidecar round trip p50, unary / stream message ({where})"] = (
+            f"{r['sidecar_perturb']['p50_ms']:.3f} / "
+            f"{r['sidecar_stream_message']['p50_ms']:.3f} ms")
+        figures[f"echo server round trip p50 (no work), unary / stream message ({where})"] = (
+            f"{r['echo_perturb']['p50_ms']:.3f} / {r['echo_stream_message']['p50_ms']:.3f} ms")
+        figures[f"sidecar round trip p50 from the blocking client, unary / stream message "
+                f"({where})"] = (f"{r['blocking_sidecar_perturb']['p50_ms']:.3f} / "
+                                 f"{r['blocking_sidecar_stream_message']['p50_ms']:.3f} ms")
+    return figures
+
+
+def print_layout(r: dict) -> None:
+    print(f"### Cores {r['layout']}: {LAYOUTS[r['layout']]}\n")
+    print(f"Sidecar on CPUs {r['sidecar_cpus']}, model server (--torch-threads "
+          f"{r['torch_threads']}) on CPUs {r['modelserver_cpus']}; load average "
+          f"{r['load_average'][0]:.1f} -> {r['load_average'][1]:.1f}.\n")
+    print("| model | p50 ms | p99 ms | mean ms |\n|---|---|---|---|")
+    rows = (("`mnist-open` (no protect step)", "mnist-open"), ("`mnist` (protected)", "mnist"),
+            ("sidecar `Perturb` alone (same probabilities), unary", "sidecar_perturb"),
+            ("sidecar, one message on an open `PerturbStream`", "sidecar_stream_message"),
+            ("echo server `Perturb` (same round trip, no work), unary", "echo_perturb"),
+            ("echo server, one message on an open `PerturbStream`", "echo_stream_message"),
+            ("sidecar from the blocking client (the TorchServe handler's), unary",
+             "blocking_sidecar_perturb"),
+            ("sidecar from the blocking client, one message on an open stream",
+             "blocking_sidecar_stream_message"))
+    for name, key in rows:
+        s = r[key]
+        print(f"| {name} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {s['mean_ms']:.3f} |")
+    echo, echo_stream = r["echo_perturb"], r["echo_stream_message"]
+    print(f"\nAdded by protection: **{r['added_p50_ms']:.3f} ms at p50** (p50 of per-pair "
+          f"differences {r['paired_diff_p50_ms']:.3f} ms), {r['added_p99_ms']:.3f} ms at p99. "
+          f"Target: at most 0.5 ms at p50. gRPC that does no work takes "
+          f"{echo['p50_ms']:.3f} ms at p50 here for a unary call and "
+          f"{echo_stream['p50_ms']:.3f} ms for a message on an open stream: the floors under "
+          f"an out-of-process hop.\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--input", choices=["npy", "png"], default="npy",
+                        help="request format (default npy)")
+    parser.add_argument("--batch", type=int, default=1, help="images per call (.npy only)")
+    parser.add_argument("--layout", choices=["shared", "pinned", "both"], default="both",
+                        help="where the processes run: " + "; ".join(
+                            f"{k}: {v}" for k, v in LAYOUTS.items()) + " (default both)")
+    parser.add_argument("--torch-threads", type=int,
+                        help="the model server's --torch-threads (default: 2 with shared "
+                             "cores, the model server's cores with pinned)")
+    parser.add_argument("--sidecar-transport", choices=["stream", "unary"], default="stream",
+                        help="the model server's --sidecar-transport (default stream)")
+    add_pair_flags(parser)
+    args = parser.parse_args(argv)
+    check_pair_flags(parser, args)
+    if args.batch < 1 or (args.input == "png" and args.batch != 1):
+        parser.error("--batch must be at least 1, and 1 with --input png")
+    if args.torch_threads is not None and args.torch_threads < 1:
+        parser.error("--torch-threads must be at least 1")
+    layouts = ["shared", "pinned"] if args.layout == "both" else [args.layout]
+    if "pinned" in layouts and len(os.sched_getaffinity(0)) < 2:
+        if args.layout == "pinned":
+            parser.error("--layout pinned needs at least 2 CPUs (one for the sidecar)")
+        layouts = ["shared"]
+
+    data = request_data(args.input, args.batch)
+    results = [run_layout(args, data, layout) for layout in layouts]
     if os.environ.get("STEALGUARD_BENCH_JSON"):
-        Path(os.environ["STEALGUARD_BENCH_JSON"]).write_text(json.dumps({"headline": {
-            f"protection added to Predictions p50 ({args.input}, batch {args.batch}, "
-            f"{args.sidecar_transport})": f"{added_p50:.3f} ms",
-            "protection added to Predictions p99": f"{result['added_p99_ms']:.3f} ms",
-            "sidecar round trip p50, unary / stream message":
-                f"{alone['p50_ms']:.3f} / {alone_stream['p50_ms']:.3f} ms",
-            "echo server round trip p50 (no work), unary / stream message":
-                f"{echo['p50_ms']:.3f} / {echo_stream['p50_ms']:.3f} ms",
-            "sidecar round trip p50 from the blocking client, unary / stream message":
-                f"{blocking_unary['p50_ms']:.3f} / {blocking_stream['p50_ms']:.3f} ms",
-        }}))
+        Path(os.environ["STEALGUARD_BENCH_JSON"]).write_text(
+            json.dumps({"headline": headline(args, results)}))
     if args.format == "json":
-        print(json.dumps(result, indent=2))
+        print(json.dumps({"input": args.input, "batch": args.batch, "calls": args.calls,
+                          "sidecar_transport": args.sidecar_transport,
+                          "cores": os.cpu_count(), "layouts": results}, indent=2))
         return 0
     print(f"`stealguard-modelserver` with `stealguard-sidecar` (Reverse Sigmoid, beta 1.5, "
           f"gamma 0.3) on loopback, reached with --sidecar-transport "
           f"{args.sidecar_transport}; {args.batch} MNIST test image(s) as {args.input} per "
           f"`Predictions` call, one call at a time, {args.calls} calls of each model "
-          f"alternating in one run ({args.warmup} pairs of warm-up); load average "
-          f"{load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} cores.\n")
-    print("| model | p50 ms | p99 ms | mean ms |\n|---|---|---|---|")
-    rows = (("`mnist-open` (no protect step)", open_), ("`mnist` (protected)", protected),
-            ("sidecar `Perturb` alone (same probabilities), unary", alone),
-            ("sidecar, one message on an open `PerturbStream`", alone_stream),
-            ("echo server `Perturb` (same round trip, no work), unary", echo),
-            ("echo server, one message on an open `PerturbStream`", echo_stream),
-            ("sidecar from the blocking client (the TorchServe handler's), unary",
-             blocking_unary),
-            ("sidecar from the blocking client, one message on an open stream",
-             blocking_stream))
-    for name, s in rows:
-        print(f"| {name} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {s['mean_ms']:.3f} |")
-    print(f"\nAdded by protection: **{added_p50:.3f} ms at p50** (p50 of per-pair differences "
-          f"{paired_p50:.3f} ms), {result['added_p99_ms']:.3f} ms at p99. Target: at most "
-          f"0.5 ms at p50. gRPC that does no work takes {echo['p50_ms']:.3f} ms at p50 "
-          f"here for a unary call and {echo_stream['p50_ms']:.3f} ms for a message on an "
-          f"open stream: the floors under an out-of-process hop.")
+          f"alternating in one run ({args.warmup} pairs of warm-up) per layout; "
+          f"{os.cpu_count()} cores.\n")
+    for r in results:
+        print_layout(r)
     return 0
 
 

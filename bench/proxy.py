@@ -33,6 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from stealguard.server.launch import prefer_poller
+
+prefer_poller()  # before grpc is imported: the gRPC I/O the stealguard commands use
+
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -55,10 +59,13 @@ def console_script(name: str) -> str:
     return found
 
 
-def start(args: list[str], address: str, log: Path, timeout: float) -> subprocess.Popen:
-    """Start a server process and wait until its gRPC health says SERVING."""
+def start(args: list[str], address: str, log: Path, timeout: float,
+          cpus: set[int] | None = None) -> subprocess.Popen:
+    """Start a server process (on `cpus`, when given, as `taskset -c` would) and wait until
+    its gRPC health says SERVING."""
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, preexec_fn=pin)
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
