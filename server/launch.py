@@ -14,7 +14,8 @@ longer knows would only log an error on every start.
 from __future__ import annotations
 
 import os
-from importlib import metadata
+from collections.abc import Callable
+from importlib import import_module, metadata
 
 POLLER = "-event_engine_client,-event_engine_listener"
 CHECKED = ((1, 74), (1, 85))  # the grpcio releases (major, minor) that know both experiments
@@ -36,29 +37,17 @@ def prefer_poller() -> None:
         os.environ.setdefault("GRPC_EXPERIMENTS", POLLER)
 
 
-def sidecar() -> int | None:
-    prefer_poller()
-    from stealguard.server.cli import main
+def _command(module: str) -> Callable[[], int]:
+    """The entry point that runs `module.main()` with the poller chosen first."""
 
-    return main()
+    def run() -> int:
+        prefer_poller()
+        return import_module(module).main()
 
-
-def modelserver() -> int | None:
-    prefer_poller()
-    from stealguard.modelserver.cli import main
-
-    return main()
+    return run
 
 
-def load() -> int | None:
-    prefer_poller()
-    from stealguard.client.load.cli import main
-
-    return main()
-
-
-def attack() -> int | None:
-    prefer_poller()
-    from stealguard.attacks.cli import main
-
-    return main()
+sidecar = _command("stealguard.server.cli")
+modelserver = _command("stealguard.modelserver.cli")
+load = _command("stealguard.client.load.cli")
+attack = _command("stealguard.attacks.cli")
