@@ -191,3 +191,24 @@ def test_large_batches_use_the_parallel_kernel_with_the_same_result():
 
 def test_warm_up_returns_seconds():
     assert warm_up() >= 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_big_outputs_sit_half_a_page_from_their_input_and_answer_the_same(dtype):
+    from stealguard.server.defenses._base import PAGE, empty_apart
+
+    rows = np.tile(softmax(np.random.default_rng(1).normal(0, 3, (40, 1000))), (4, 1))
+    probs = rows.astype(dtype)
+    buffer = np.empty(probs.size + PAGE, dtype)  # inputs at every offset an 8-byte step gives
+    for offset in range(0, PAGE // probs.itemsize, 8 // probs.itemsize * 37):
+        view = buffer[offset : offset + probs.size]
+        view[:] = probs.ravel()
+        view.flags.writeable = False
+        out = empty_apart(view, view.size)
+        assert out.shape == (view.size,) and out.dtype == dtype
+        assert (out.ctypes.data - view.ctypes.data) % PAGE == PAGE // 2
+        defense = make_defense("reverse_sigmoid", beta=1.5, gamma=0.3)
+        np.testing.assert_array_equal(defense.perturb_flat(view, *probs.shape),
+                                      defense(probs).ravel())
+    small = np.zeros(10, dtype)
+    assert empty_apart(small, 10).shape == (10,)
