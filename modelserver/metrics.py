@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
-from stealguard.server.metrics import CLIENT_ROWS, REGISTRY
+from stealguard.server.metrics import CLIENT_ROWS, REGISTRY, client_label
 
 UNKNOWN_MODEL = "unknown"
 
@@ -85,7 +85,7 @@ class Recorder:
             return
         rows = len(raw)
         ROWS.labels(self._label(model)).inc(rows)
-        CLIENT_ROWS.labels(client).inc(rows)
+        CLIENT_ROWS.labels(client_label(client)).inc(rows)
         if not protected or rows == 0:
             return
         L1_DISTORTION.labels(model).inc(float(np.abs(returned - raw).sum()))

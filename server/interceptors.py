@@ -88,14 +88,14 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         counted for metrics."""
         if self.limiter is not None and not self.limiter.allow(client):
             if self.with_metrics:
-                metrics.RATE_LIMITED.labels(client).inc()
+                metrics.RATE_LIMITED.labels(metrics.client_label(client)).inc()
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"client {client!r} is over its rate limit of {self.limiter.rate:g} "
                 "requests/s; slow down and retry",
             )
         if self.with_metrics:
-            metrics.CLIENT_QUERIES.labels(client).inc()
+            metrics.CLIENT_QUERIES.labels(metrics.client_label(client)).inc()
 
     async def _charged(self, requests, context, client: str):
         """A request stream whose every message is charged before the servicer sees it."""

@@ -31,6 +31,24 @@ TOP1_CHANGES = Counter("stealguard_top1_changes", "Returned rows whose top-1 cla
 RATE_LIMITED = Counter("stealguard_rate_limited", "Calls refused by a client's rate limit.",
                        ["client"], registry=REGISTRY)
 
+#: Distinct client names that get series of their own; later ones share OTHER_CLIENTS.
+#: Without tokens a client's name is whatever its `x-client-id` header says, so unbounded
+#: per-client series would let a caller grow /metrics and the process's memory at will.
+MAX_CLIENT_SERIES = 1000
+OTHER_CLIENTS = "_other"
+_client_series: set[str] = set()
+
+
+def client_label(client: str) -> str:
+    """The per-client label value for `client`: its name, or OTHER_CLIENTS once
+    MAX_CLIENT_SERIES other names have series."""
+    if client in _client_series:
+        return client
+    if len(_client_series) < MAX_CLIENT_SERIES:
+        _client_series.add(client)
+        return client
+    return OTHER_CLIENTS
+
 
 def serve(port: int) -> None:
     """Serve /metrics on all interfaces at `port` (a daemon thread)."""
@@ -48,7 +66,7 @@ def observe_rows(policy: str, client: str, given: np.ndarray, returned: np.ndarr
     out = np.atleast_2d(returned)
     n = rows.shape[0]
     ROWS.labels(policy).inc(n)
-    CLIENT_ROWS.labels(client).inc(n)
+    CLIENT_ROWS.labels(client_label(client)).inc(n)
     if n == 0 or rows.shape != out.shape:
         return
     if not logits:

@@ -278,3 +278,29 @@ def test_sighup_swaps_policies_under_load_with_zero_errors(tmp_path):
         process.stop()
     assert len(results) > 0 and {status for _, status in results} == {"OK"}
     assert "new config rejected, old policies stay" in process.output()
+
+
+def test_callers_cannot_add_per_client_series_without_end():
+    """Without tokens a client names itself (x-client-id): past MAX_CLIENT_SERIES names,
+    new ones share one series, so /metrics and memory stay bounded."""
+    from stealguard.server.metrics import MAX_CLIENT_SERIES, OTHER_CLIENTS
+
+    metrics_port = free_port()
+    process, address = start_sidecar("--metrics-port", str(metrics_port))
+    extra = 25
+    try:
+        request = defense_pb2.PerturbRequest(probabilities=array_to_tensor(ROWS))
+        with grpc.insecure_channel(address) as channel:
+            perturb = defense_pb2_grpc.DefenseStub(channel).Perturb
+            for i in range(MAX_CLIENT_SERIES + extra):
+                perturb(request, metadata=(("x-client-id", f"rotating-{i}"),), timeout=10)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                      timeout=10).read().decode()
+    finally:
+        process.stop()
+    per_call = {"stealguard_client_queries_total": 1, "stealguard_client_rows_total": len(ROWS)}
+    for family, count in per_call.items():
+        series = [line for line in text.splitlines() if line.startswith(family + "{")]
+        assert len(series) == MAX_CLIENT_SERIES + 1, family
+        assert f'{family}{{client="rotating-0"}} {float(count)}' in series
+        assert f'{family}{{client="{OTHER_CLIENTS}"}} {float(count * extra)}' in series
