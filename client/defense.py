@@ -20,6 +20,7 @@ from stealguard.server.codec import array_to_tensor, tensor_to_array
 from stealguard.v1 import defense_pb2, defense_pb2_grpc
 
 _MAX_MESSAGE = 64 * 1024 * 1024
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 # After the shared stream could not reach the sidecar (UNAVAILABLE: down, restarting,
 # draining), perturb calls go unary for this many seconds, so that an outage does not cost
 # every call a failed stream first.
@@ -77,6 +78,15 @@ def _request(probs: np.ndarray, model: str, logits: bool, request_id: str):
     return defense_pb2.PerturbRequest(
         probabilities=array_to_tensor(array), model=model, logits=logits, request_id=request_id
     )
+
+
+def _answer(response: defense_pb2.PerturbResponse) -> np.ndarray:
+    """The probabilities of a reply, or `SidecarError` for a stream reply that carries the
+    error its request was rejected with (keep_stream_on_error)."""
+    if response.HasField("error"):
+        code = _CODES.get(response.error.code, grpc.StatusCode.UNKNOWN)
+        raise SidecarError(code, response.error.message)
+    return tensor_to_array(response.probabilities)
 
 
 def _policies(response: defense_pb2.ListPoliciesResponse) -> list[dict[str, Any]]:
@@ -147,7 +157,7 @@ class DefenseClient(_Base):
         try:
             if self._stream_usable():
                 try:
-                    return tensor_to_array(self._stream.send(request, seconds).probabilities)
+                    return _answer(self._stream.send(request, seconds))
                 except StreamBroken as broken:
                     # one retry of this request alone, within what is left of its deadline
                     self._stream_broke(broken)
@@ -214,7 +224,7 @@ class AsyncDefenseClient(_Base):
                 try:
                     async with asyncio.timeout(seconds):
                         response = await self._stream.send(request)
-                    return tensor_to_array(response.probabilities)
+                    return _answer(response)
                 except StreamBroken as broken:
                     # one retry of this request alone, within what is left of its deadline
                     self._stream_broke(broken)

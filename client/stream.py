@@ -7,11 +7,13 @@ test machine a unary round trip to the sidecar takes 0.6-0.8 ms at p50 and a mes
 open stream 0.25-0.35 ms (README, Performance).
 
 Answers are matched to requests by `request_id`, which the sidecar echoes, so a caller that
-gave up can never be handed another caller's probabilities. The sidecar ends a stream when
-it rejects one message, restarts or drains; every request still waiting on that stream then
-raises `StreamBroken`, and the client retries it once as a unary `Perturb` within its own
-deadline (so one bad request gets its own error and its neighbours their answers). The next
-request opens a new stream.
+gave up can never be handed another caller's probabilities. Every message asks for
+`keep_stream_on_error`: a request the sidecar rejects gets a reply carrying the error
+status (the clients raise it as `SidecarError`) and the stream goes on for its neighbours.
+When the stream itself ends (the sidecar restarts or drains, or is too old to know the
+flag and ends the stream on a bad message), every request still waiting on it raises
+`StreamBroken`, and the client retries it once as a unary `Perturb` within its own
+deadline. The next request opens a new stream.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class PerturbStream:
             stream = self._current()
             stream.waiting[key] = future
             request.request_id = key
+            request.keep_stream_on_error = True
             try:
                 await stream.call.write(request)
             except asyncio.CancelledError:
@@ -107,6 +110,7 @@ class PerturbStream:
                                    code) from None
             finally:
                 request.request_id = caller_id
+                request.keep_stream_on_error = False
         try:
             response = await future
         finally:
@@ -179,6 +183,7 @@ class BlockingPerturbStream:
         wire = defense_pb2.PerturbRequest()
         wire.CopyFrom(request)  # the sending thread serialises it later
         wire.request_id = key = f"{next(self._ids)}/{request.request_id}"
+        wire.keep_stream_on_error = True
         future: Future = Future()
         with self._lock:
             if self._stream is None or self._stream.ended:

@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+from google.rpc import status_pb2
 from stealguard.server import metrics
 from stealguard.server.codec import CodecError, RowLimitError, tensor_to_flat, write_tensor
 from stealguard.server.interceptors import CLIENT
@@ -97,7 +98,8 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
         self, request_iterator, context
     ) -> AsyncIterator[defense_pb2.PerturbResponse]:
         """Answers each message in order. A message that fails ends the stream with its
-        status; so does a drain, at once for a stream waiting for its next message."""
+        status, or with `keep_stream_on_error` gets a reply carrying that status and the
+        stream goes on. A drain ends the stream, at once if it waits for its next message."""
         task = asyncio.current_task()
         requests = request_iterator.__aiter__()
         index = 0
@@ -122,8 +124,15 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
                 except Exception as error:  # noqa: BLE001
                     code, message = status_of(error)
                     self._count("PerturbStream", "-", code)
-                    await context.abort(code, f"stream message {index}: {message}")
-                self._count("PerturbStream", response.policy, grpc.StatusCode.OK)
+                    message = f"stream message {index}: {message}"
+                    if code is grpc.StatusCode.UNAVAILABLE or not getattr(
+                            request, "keep_stream_on_error", False):
+                        await context.abort(code, message)
+                    response = defense_pb2.PerturbResponse(
+                        request_id=request.request_id,
+                        error=status_pb2.Status(code=code.value[0], message=message))
+                else:
+                    self._count("PerturbStream", response.policy, grpc.StatusCode.OK)
                 yield response
                 index += 1
         finally:

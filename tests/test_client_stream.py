@@ -45,19 +45,23 @@ def test_concurrent_calls_on_one_stream_get_their_own_answers(sidecar):
 
 
 def test_one_rejected_request_gets_its_error_and_its_neighbours_their_answers(sidecar):
-    """The sidecar ends a stream on a bad message; the others are retried as unary calls."""
+    """The sidecar answers a bad message with its error and the stream goes on."""
     rows = _rows(6, seed=1)
     bad = np.full((1, 10), np.nan)
 
     async def run():
         async with AsyncDefenseClient(sidecar, timeout=10, stream=True) as client:
+            await client.perturb(rows[0])
+            opened = client._stream._stream
             calls = [client.perturb(r) for r in rows[:3]] + [client.perturb(bad)] + \
                 [client.perturb(r) for r in rows[3:]]
             results = await asyncio.gather(*calls, return_exceptions=True)
-            after = await client.perturb(rows[0])  # a new stream opens for the next call
-            return results, after
+            after = await client.perturb(rows[0])
+            kept = client._stream._stream is opened and not opened.ended
+            return results, after, kept
 
-    results, after = asyncio.run(run())
+    results, after, kept = asyncio.run(run())
+    assert kept  # one stream carried all of it: no neighbour needed a second round trip
     error = results.pop(3)
     assert isinstance(error, SidecarError)
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -161,6 +165,28 @@ def test_blocking_client_shares_one_stream_between_threads(sidecar):
         for sent, got in zip(rows, answers, strict=True):
             assert got.tobytes() == unary.perturb(sent, model="mnist").tobytes()
         assert after.tobytes() == answers[0].tobytes()
+
+
+def test_blocking_client_gets_a_rejected_requests_error_on_the_same_stream(sidecar):
+    rows = _rows(8, seed=2)
+    bad = np.full((2, 10), 0.5)  # rows that do not sum to 1
+    with DefenseClient(sidecar, timeout=10, stream=True) as client:
+        client.perturb(rows[0])
+        opened = client._stream._stream
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(client.perturb, r) for r in rows[:4]]
+            rejected = pool.submit(client.perturb, bad)
+            futures += [pool.submit(client.perturb, r) for r in rows[4:]]
+            answers = [f.result() for f in futures]
+            with pytest.raises(SidecarError) as error:
+                rejected.result()
+        assert client._stream._stream is opened and not opened.ended
+        assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "row 0" in error.value.details
+        assert protect(client, bad).tolist() == [[1.0] + [0.0] * 9] * 2  # fails closed
+    with DefenseClient(sidecar, timeout=10) as unary:
+        for sent, got in zip(rows, answers, strict=True):
+            assert got.tobytes() == unary.perturb(sent).tobytes()
 
 
 def test_blocking_client_times_out_on_a_stalled_sidecar_and_fails_closed():

@@ -47,7 +47,8 @@ def test_client_works_with_protobuf_6_against_the_sidecar_on_protobuf_7(tmp_path
     if not python.exists():
         venv.create(env_dir, with_pip=True)
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                    "protobuf==6.31.1", "grpcio==1.74.0", "numpy", "PyYAML", "setuptools>=69"],
+                    "protobuf==6.31.1", "grpcio==1.74.0", "googleapis-common-protos==1.70.0",
+                    "numpy", "PyYAML", "setuptools>=69"],
                    check=True)
     # the package itself, no dependencies: only what the client needs is in this venv
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps",

@@ -85,6 +85,26 @@ def test_stream_error_names_the_message_index(sidecar):
     assert error.value.details().startswith("stream message 1: probabilities.dtype")
 
 
+def test_stream_with_keep_stream_on_error_answers_a_bad_message_and_goes_on(sidecar):
+    good = [request(ROWS, request_id=str(i)) for i in range(3)]
+    for r in good:
+        r.keep_stream_on_error = True
+    bad = defense_pb2.PerturbRequest(probabilities=array_to_tensor(ROWS * 2),
+                                     request_id="bad", keep_stream_on_error=True)
+    replies = list(stub(sidecar).PerturbStream(iter([good[0], bad, good[1], good[2]]),
+                                               timeout=10))
+    assert [r.request_id for r in replies] == ["0", "bad", "1", "2"]
+    refused = replies[1]
+    assert refused.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert refused.error.message.startswith("stream message 1: ") and "row 0" in \
+        refused.error.message
+    assert not refused.HasField("probabilities") and refused.policy == ""
+    expected = make_defense("reverse_sigmoid")(ROWS).tobytes()
+    for reply in (replies[0], *replies[2:]):
+        assert not reply.HasField("error")
+        assert tensor_to_array(reply.probabilities).tobytes() == expected
+
+
 def test_list_policies_reports_the_default_policy(sidecar):
     policies = DefenseClient(sidecar).policies()
     assert policies == [{"name": "default", "defense": "reverse_sigmoid",

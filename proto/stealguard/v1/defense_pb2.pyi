@@ -1,3 +1,4 @@
+from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -27,26 +28,30 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PerturbRequest(_message.Message):
-    __slots__ = ("probabilities", "model", "logits", "request_id")
+    __slots__ = ("probabilities", "model", "logits", "request_id", "keep_stream_on_error")
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_STREAM_ON_ERROR_FIELD_NUMBER: _ClassVar[int]
     probabilities: Tensor
     model: str
     logits: bool
     request_id: str
-    def __init__(self, probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., model: _Optional[str] = ..., logits: bool = ..., request_id: _Optional[str] = ...) -> None: ...
+    keep_stream_on_error: bool
+    def __init__(self, probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., model: _Optional[str] = ..., logits: bool = ..., request_id: _Optional[str] = ..., keep_stream_on_error: bool = ...) -> None: ...
 
 class PerturbResponse(_message.Message):
-    __slots__ = ("probabilities", "policy", "request_id")
+    __slots__ = ("probabilities", "policy", "request_id", "error")
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     probabilities: Tensor
     policy: str
     request_id: str
-    def __init__(self, probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., policy: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    error: _status_pb2.Status
+    def __init__(self, probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., policy: _Optional[str] = ..., request_id: _Optional[str] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class ListPoliciesRequest(_message.Message):
     __slots__ = ()
