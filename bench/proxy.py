@@ -63,9 +63,14 @@ def start(args: list[str], address: str, log: Path, timeout: float,
           cpus: set[int] | None = None) -> subprocess.Popen:
     """Start a server process (on `cpus`, when given, as `taskset -c` would) and wait until
     its gRPC health says SERVING."""
-    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, preexec_fn=pin)
+    mine = os.sched_getaffinity(0)
+    if cpus:  # a child inherits the affinity of the thread that starts it
+        os.sched_setaffinity(0, cpus)
+    try:
+        proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    finally:
+        os.sched_setaffinity(0, mine)
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
