@@ -144,7 +144,7 @@ def test_errors_are_counted_by_status_code(sidecar, tmp_path):
     doc = load_json("--target", sidecar, "--model", "nope", "--total", "25")
     assert doc["errors"] == {"NOT_FOUND": 25} and doc["ok"] == 0
     assert doc["latency_ms"] is None and "no call succeeded" in " ".join(doc["warnings"])
-    # On a stream the error ends the stream; the next message reopens it and fails again.
+    # On a stream each refused message is answered with its status and the stream goes on.
     doc = load_json("--target", sidecar, "--model", "nope", "--total", "12", "--method",
                     "perturb-stream", "--concurrency", "2")
     assert doc["errors"] == {"NOT_FOUND": 12}
@@ -172,6 +172,26 @@ def test_responses_file_has_every_reply_matched_to_its_request(sidecar, tmp_path
         assert line["code"] == "OK" and line["reply"]["policy"] == "mnist"
         assert reply.shape == (2, 5) and not np.allclose(reply, sent, atol=1e-3)  # perturbed
         np.testing.assert_array_equal(reply.argmax(1), sent.argmax(1))  # top-1 guard
+
+
+def test_a_stream_counts_each_refused_message_and_answers_its_neighbours(sidecar, tmp_path):
+    rng = np.random.default_rng(2)
+    rows = rng.dirichlet(np.full(5, 0.3), size=4).astype(np.float32)
+    rows[1] = rows[3] = 0.5  # rows that sum to 2.5
+    payload, log = tmp_path / "mixed.npy", tmp_path / "replies.jsonl"
+    np.save(payload, rows)
+    doc = load_json("--target", sidecar, "--model", "mnist", "--method", "perturb-stream",
+                    "--total", "8", "--batch", "1", "--payload", str(payload),
+                    "--concurrency", "1", "--responses", str(log))
+    assert doc["ok"] == 4 and doc["errors"] == {"INVALID_ARGUMENT": 4}
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(lines) == 8
+    for sent, line in enumerate(lines):  # one caller: the log is in the order sent
+        if line["request"] % 2:  # one stream carried all eight: its message count runs on
+            assert line["code"] == "INVALID_ARGUMENT"
+            assert line["details"].startswith(f"stream message {sent}: row 0")
+        else:
+            assert line["code"] == "OK" and line["reply"]["policy"] == "mnist"
 
 
 def test_responses_file_records_error_details(sidecar, tmp_path):

@@ -10,6 +10,7 @@ import asyncio
 import sys
 
 import grpc
+from stealguard.v1 import defense_pb2
 
 from .config import LoadConfig, Security
 
@@ -135,11 +136,19 @@ class UnaryCaller:
         return None
 
 
+# A PerturbResponse that answers starts with field 1 (probabilities); one that refuses its
+# request (keep_stream_on_error) has none and carries the status in `error`.
+_PROBABILITIES_TAG = b"\x0a"
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
 class StreamCaller:
     """One request is one message on a long-lived bidirectional stream, timed to its reply.
 
-    A broken stream (error, timeout, early end) counts one error and is reopened on the next
-    call, so one failure never poisons the replies that follow.
+    A message the sidecar refuses is answered with its status (the requests ask for
+    keep_stream_on_error), counted by that code, and the stream goes on. A broken stream
+    (error, timeout, early end) counts one error and is reopened on the next call, so one
+    failure never poisons the replies that follow.
     """
 
     def __init__(self, channel, cfg: LoadConfig, requests: list[bytes], start: int, metadata):
@@ -173,6 +182,11 @@ class StreamCaller:
             self.details = await stream.details() or "the server ended the stream"
             return "STREAM_ENDED" if code == grpc.StatusCode.OK else code.name
         self.reply = reply
+        if not reply.startswith(_PROBABILITIES_TAG):  # not an answer: perhaps a refusal
+            error = defense_pb2.PerturbResponse.FromString(reply).error
+            if error.code:
+                self.details = error.message
+                return _CODE_NAMES.get(error.code, grpc.StatusCode.UNKNOWN.name)
         return OK
 
     def _drop(self) -> None:

@@ -76,8 +76,10 @@ def perturb_requests(cfg: LoadConfig) -> list[bytes]:
         arrays = [synthetic_rows(cfg, cfg.batch, rng) for _ in range(SYNTHETIC_POOL)]
     out = []
     for a in arrays:
+        # on a stream, a rejected message gets its error as its reply and the stream goes on
         msg = defense_pb2.PerturbRequest(probabilities=array_to_tensor(a), model=cfg.model,
-                                         logits=cfg.logits)
+                                         logits=cfg.logits,
+                                         keep_stream_on_error=cfg.method == "perturb-stream")
         out.append(msg.SerializeToString())
     return out
 
