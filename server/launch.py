@@ -1,10 +1,11 @@
 """The console scripts' entry points. Each picks gRPC's I/O before anything imports grpc.
 
-gRPC reads `GRPC_EXPERIMENTS` once, when it is first imported. From grpcio 1.74 to 1.85
-(the releases checked) Python's default I/O is the EventEngine client and listener; the
-older poller that they replace is still built in. On this project's 2-core test machine
-the poller cut a loopback round trip to the sidecar from 0.37 to 0.24 ms for a message on
-an open stream and from 0.68 to 0.44 ms for a unary call (README, Performance). So every
+gRPC reads `GRPC_EXPERIMENTS` once, when it is first imported. grpcio 1.85 runs Python's
+channels and servers on the EventEngine client and listener; the older poller they replace
+is still built in, and both experiments are known to 1.74, 1.80 and 1.85 (the releases
+checked). On this project's 2-core test machine the poller cut a loopback round trip to the
+sidecar from 0.37 to 0.24 ms for a message on an open stream and from 0.68 to 0.44 ms for a
+unary call (README, Performance). So every
 stealguard command starts with `GRPC_EXPERIMENTS=-event_engine_client,-event_engine_listener`
 unless the environment already sets `GRPC_EXPERIMENTS`: set it, even to nothing, to have
 gRPC's own defaults. Other grpcio releases keep their defaults: an experiment a release no
