@@ -80,12 +80,16 @@ def _request(probs: np.ndarray, model: str, logits: bool, request_id: str):
     )
 
 
+def status_code(number: int) -> grpc.StatusCode:
+    """The `grpc.StatusCode` of a `google.rpc.Status` code number; UNKNOWN for none."""
+    return _CODES.get(number, grpc.StatusCode.UNKNOWN)
+
+
 def _answer(response: defense_pb2.PerturbResponse) -> np.ndarray:
     """The probabilities of a reply, or `SidecarError` for a stream reply that carries the
     error its request was rejected with (keep_stream_on_error)."""
     if response.HasField("error"):
-        code = _CODES.get(response.error.code, grpc.StatusCode.UNKNOWN)
-        raise SidecarError(code, response.error.message)
+        raise SidecarError(status_code(response.error.code), response.error.message)
     return tensor_to_array(response.probabilities)
 
 

@@ -10,6 +10,7 @@ import asyncio
 import sys
 
 import grpc
+from stealguard.client.defense import status_code
 from stealguard.v1 import defense_pb2
 
 from .config import LoadConfig, Security
@@ -139,7 +140,6 @@ class UnaryCaller:
 # A PerturbResponse that answers starts with field 1 (probabilities); one that refuses its
 # request (keep_stream_on_error) has none and carries the status in `error`.
 _PROBABILITIES_TAG = b"\x0a"
-_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 class StreamCaller:
@@ -186,7 +186,7 @@ class StreamCaller:
             error = defense_pb2.PerturbResponse.FromString(reply).error
             if error.code:
                 self.details = error.message
-                return _CODE_NAMES.get(error.code, grpc.StatusCode.UNKNOWN.name)
+                return status_code(error.code).name
         return OK
 
     def _drop(self) -> None:
