@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -66,21 +65,17 @@ def sidecar_client(config: ServerConfig) -> AsyncDefenseClient:
 class ModelServer(lifecycle.Service):
     """The model server's lifecycle hooks: a first forward pass per model before SERVING."""
 
+    draining = DRAINING
+
     def __init__(self, models: Models, sidecar: AsyncDefenseClient):
         self.models = models
         self.sidecar = sidecar
+        self.core = models.core
 
     def warm_up(self) -> str:
         started = time.perf_counter()
         self.models.warm_up()
         return f"ready: models warm in {time.perf_counter() - started:.2f}s"
-
-    async def serving(self, app: GrpcApp) -> None:
-        self.models.core.open()
-        await app.set_serving(True)
-
-    def drain(self) -> None:
-        self.models.core.refuse(DRAINING)
 
     async def close(self) -> None:
         await self.sidecar.close()
@@ -105,14 +100,9 @@ async def run_modelserver(config: ServerConfig) -> None:
         add_lenient(inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server,
                     InferenceServicer(models, recorder, app.identity), app.server)
 
-        def describe(port: int) -> str:
-            host = config.listen.rsplit(":", 1)[0]
-            return (f"listening on {host}:{port} (pid {os.getpid()})"
-                    f"{' with TLS' if config.tls_cert else ''}"
-                    f"{' and client certificates' if config.tls_ca else ''}, sidecar "
-                    f"{config.sidecar} ({config.sidecar_transport})"
-                    f"{' over TLS' if config.sidecar_tls_ca or config.sidecar_tls_cert else ''}"
-                    f"{' with a token' if config.sidecar_token_file else ''}, models: "
-                    f"{', '.join(sorted(specs))}")
-
-        await lifecycle.run(app, ModelServer(models, sidecar), describe)
+        details = (f"{' and client certificates' if config.tls_ca else ''}, sidecar "
+                   f"{config.sidecar} ({config.sidecar_transport})"
+                   f"{' over TLS' if config.sidecar_tls_ca or config.sidecar_tls_cert else ''}"
+                   f"{' with a token' if config.sidecar_token_file else ''}, models: "
+                   f"{', '.join(sorted(specs))}")
+        await lifecycle.run(app, ModelServer(models, sidecar), details=details)
