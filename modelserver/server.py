@@ -20,6 +20,7 @@ from stealguard.modelserver.handler import Models
 from stealguard.modelserver.metrics import Recorder
 from stealguard.modelserver.servicer import InferenceServicer
 from stealguard.modelserver.store import ensure_default_models, read_store
+from stealguard.server.core import ProtectCore
 from stealguard.server.limits import TokenBucket
 from stealguard.server.platform import lifecycle
 from stealguard.server.platform import metrics as platform_metrics
@@ -92,10 +93,10 @@ async def run_modelserver(config: ServerConfig) -> None:
     sidecar = sidecar_client(config)
     # one inference thread: each forward pass already uses torch_threads cores
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference") as executor:
-        models = Models(specs, sidecar, executor, config.max_batch, recorder)
-        models.core.limiter = limiter
-        models.core.observers = [recorder] if recorder.enabled else []
-        models.core.refuse(WARMING_UP)
+        core = ProtectCore(None, limiter=limiter,
+                           observers=[recorder] if recorder.enabled else [])
+        core.refuse(WARMING_UP)
+        models = Models(specs, sidecar, executor, config.max_batch, recorder, core)
         app = GrpcApp.from_settings(config, [INFERENCE_SERVICE], logger=log)
         add_lenient(inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server,
                     InferenceServicer(models, recorder, app.identity), app.server)
