@@ -95,6 +95,9 @@ def start_sidecar(*extra: str, env: dict[str, str] | None = None,
     """Start `stealguard-sidecar` on a free loopback port; returns (process, address)."""
     port = port or free_port()
     address = f"127.0.0.1:{port}"
+    # one secret for every test sidecar, so keyed answers survive a restart and can be
+    # computed in process (tests/_defenses_helpers.py default_defense)
+    env = {"STEALGUARD_SECRET": "stealguard-tests", **(env or {})}
     process = Process([script("stealguard-sidecar"), "--listen", address, *extra], env=env)
     if wait:
         try:

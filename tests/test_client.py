@@ -8,6 +8,7 @@ import signal
 import grpc
 import numpy as np
 import pytest
+from _defenses_helpers import default_defense
 from _procs import free_port, start_sidecar
 from stealguard.client import (
     AsyncDefenseClient,
@@ -17,7 +18,6 @@ from stealguard.client import (
     protect,
     protect_async,
 )
-from stealguard.server.defenses import make_defense
 
 PROBS = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], dtype=np.float32)
 LABELS = np.array([[1, 0, 0], [0, 0, 1]], dtype=np.float32)
@@ -26,7 +26,7 @@ LABELS = np.array([[1, 0, 0], [0, 0, 1]], dtype=np.float32)
 def test_perturb_returns_the_protected_rows(sidecar):
     with DefenseClient(sidecar, timeout=10) as client:
         got = client.perturb(PROBS, model="mnist")
-    assert got.tobytes() == make_defense("reverse_sigmoid")(PROBS).tobytes()
+    assert got.tobytes() == default_defense()(PROBS).tobytes()
 
 
 def test_async_client_matches_the_sync_client(sidecar):
@@ -41,7 +41,7 @@ def test_async_client_matches_the_sync_client(sidecar):
 
 def test_protect_passes_through_the_sidecar_answer(sidecar):
     got = protect(DefenseClient(sidecar, timeout=10), PROBS, model="mnist")
-    assert got.tobytes() == make_defense("reverse_sigmoid")(PROBS).tobytes()
+    assert got.tobytes() == default_defense()(PROBS).tobytes()
 
 
 def test_unreachable_sidecar_gives_label_only_rows_never_raw():
