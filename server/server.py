@@ -209,7 +209,14 @@ async def run_sidecar(config: Config, *, reuse_port: bool = False,
     log.info("listening on %s:%d (pid %d)%s, policies: %s", host, port, os.getpid(),
              " with TLS" if app.credentials else "",
              ", ".join(f"{p.name}={p.defense_name}" for p in policies))
-    seconds = await app.unless_stopped(warm_up)
+    def starting(message: str) -> None:  # progress of the first compile, for log and callers
+        log.info("%s", message)
+        if servicer.not_serving and "draining" not in servicer.not_serving:
+            servicer.not_serving = (f"the sidecar is warming up its kernels ({message}); "
+                                    "retry shortly")
+
+    seconds = await app.unless_stopped(lambda: warm_up(
+        {p.name: p.defense for p in policies}, progress=starting, background=True))
     if seconds is not None:
         # What exists now (numba, llvmlite, the compiled kernels) lives as long as the
         # process: keep it out of every later garbage collection pass.
