@@ -113,7 +113,7 @@ def warm_up(defenses: Mapping[str, Defense] | Iterable[Defense] | None = None, *
     """
     start = time.perf_counter()
     if defenses is None:
-        defenses = {name: make_defense(name) for name in DEFENSE_NAMES}
+        defenses = [make_defense(name) for name in DEFENSE_NAMES]
     label = "policies" if isinstance(defenses, Mapping) else "defenses"
     if isinstance(defenses, Mapping):
         names, defenses = list(defenses), list(defenses.values())
