@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,14 +26,9 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from proxy import free_port, stop  # bench/proxy.py's: a free loopback port, stop by PID
 
 READY = re.compile(r"kernels for policies .*: (\d+)/\1 ready in ([0-9.]+) s")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serving(stub: health_pb2_grpc.HealthStub) -> bool:
@@ -76,12 +69,7 @@ def one_start(sidecar: str, cache: str, config: str | None, all_kernels: bool,
                     time.sleep(0.2)
             return to_serving, to_all
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
 
 
 def summary(label: str, values: list[float]) -> str:
