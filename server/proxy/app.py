@@ -61,7 +61,9 @@ async def run_proxy(config: Config, *, reuse_port: bool = False, health_interval
     log.info("proxy (%s) listening on %s:%d (pid %d)%s for upstream %s%s, policies: %s",
              config.protocol, host, port, os.getpid(), " with TLS" if app.credentials else "",
              config.upstream, " over TLS" if credentials else "", _names(policies))
-    seconds = await app.unless_stopped(warm_up)
+    seconds = await app.unless_stopped(lambda: warm_up(
+        {p.name: p.policy.defense for p in policies}, progress=lambda m: log.info("%s", m),
+        background=True))
     if seconds is not None:  # None: a stop signal came during the warm-up
         log.info("kernels warm in %.2fs", seconds)
         proxy.not_serving = None
