@@ -4,8 +4,10 @@ and the kernel cache key that follows every source a kernel inlines."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
+from _procs import start_sidecar
 from numba import njit, prange
 from stealguard.server.defenses import ReverseSigmoid, make_defense, warm_up
 from stealguard.server.defenses._base import Defense
@@ -106,3 +108,19 @@ def test_an_edit_to_an_inlined_helper_invalidates_exactly_its_importers(tmp_path
 def test_a_cache_without_a_stamp_is_all_stale(tmp_path):
     keys = _package(tmp_path, {"reverse_sigmoid": "", "noise": ""})
     assert stale_modules({}, keys) == {"reverse_sigmoid", "noise"}
+
+
+def test_sidecar_start_logs_what_it_compiles_for_which_policies(tmp_path):
+    config = tmp_path / "two.yaml"
+    config.write_text("policies:\n  default: {defense: reverse_sigmoid}\n"
+                      "  mnist-open: {defense: none}\n")
+    process, _ = start_sidecar("--config", str(config))
+    try:
+        deadline = time.monotonic() + 600  # the parallel kernels come after SERVING
+        while " 8/8 ready in " not in process.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        process.stop()
+    log = process.output()
+    assert "compiling kernels for policies default, mnist-open: 0/8 " in log
+    assert "kernels for policies default, mnist-open: 8/8 ready in " in log
