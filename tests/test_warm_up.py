@@ -9,7 +9,7 @@ import time
 import numpy as np
 from _procs import start_sidecar
 from numba import njit, prange
-from stealguard.server.defenses import ReverseSigmoid, make_defense, warm_up
+from stealguard.server.defenses import DEFENSE_NAMES, ReverseSigmoid, make_defense, warm_up
 from stealguard.server.defenses._base import Defense
 from stealguard.server.defenses._cache import kernel_keys, stale_modules
 from stealguard.server.defenses.reverse_sigmoid import reverse_sigmoid_parallel
@@ -80,7 +80,7 @@ def test_background_warm_up_answers_big_batches_the_same_and_restores_the_parall
 def test_warm_up_with_no_arguments_still_warms_every_defense():
     messages: list[str] = []
     assert warm_up(progress=messages.append) >= 0.0
-    assert messages[0].startswith("compiling kernels for defenses reverse_sigmoid, none, ")
+    assert messages[0].startswith(f"compiling kernels for defenses {', '.join(DEFENSE_NAMES)}: 0/")
 
 
 def _package(root, sources: dict[str, str]):
