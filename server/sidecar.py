@@ -7,6 +7,7 @@ the policies of a fresh config between calls; SIGTERM drains (the platform's lif
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 from stealguard.server.config import Config
@@ -36,6 +37,25 @@ def protect_core(config: Config, policies) -> ProtectCore:
                        observers=observers)
 
 
+def warm_kernels(core: ProtectCore, policies, who: str, logger: logging.Logger) -> float:
+    """`warm_up` for the kernels `policies` use, single-thread ones first; returns once those
+    are in. Each progress message is logged and, until then, is the reason `core` refuses
+    calls with ("the sidecar is warming up its kernels (compiling ...: 1/4 ...)")."""
+    lock, warming = threading.Lock(), [True]
+
+    def progress(message: str) -> None:
+        logger.info("%s", message)
+        with lock:  # never after the return below: then the lifecycle opens the core
+            if warming[0]:
+                core.refuse(f"the {who} is warming up its kernels ({message}); retry shortly")
+
+    seconds = warm_up({p.name: p.defense for p in policies}, progress=progress,
+                      background=True)
+    with lock:
+        warming[0] = False
+    return seconds
+
+
 def describe_policies(policies) -> str:
     return ", ".join(f"{p.name}={p.defense_name}" for p in policies)
 
@@ -54,7 +74,8 @@ class Sidecar(lifecycle.Service):
         self.reloadable = reload is not None
 
     def warm_up(self) -> str:
-        return f"ready: kernels warm in {warm_up():.2f}s"
+        seconds = warm_kernels(self.core, self.core.policies, "sidecar", log)
+        return f"ready: kernels warm in {seconds:.2f}s"
 
     def drain(self) -> None:
         super().drain()

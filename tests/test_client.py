@@ -94,9 +94,41 @@ def test_per_call_timeout_overrides_the_clients_and_none_left_fails_closed():
         process.stop()
 
 
-def test_sidecar_rejection_is_fail_closed_too(sidecar):
+def test_rows_the_sidecar_rejects_raise_instead_of_falling_back_to_labels(sidecar):
     bad = PROBS * 2  # rows sum to 2: INVALID_ARGUMENT
-    np.testing.assert_array_equal(protect(DefenseClient(sidecar, timeout=10), bad), LABELS)
+    with pytest.raises(SidecarError) as error:
+        protect(DefenseClient(sidecar, timeout=10), bad)
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "row 0" in error.value.details
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+def test_nan_row_raises_invalid_argument_in_every_mode(sidecar, fail_open):
+    nan_row = np.array([[0.2, 0.3, np.nan]], dtype=np.float32)
+    with pytest.raises(SidecarError) as error:
+        protect(DefenseClient(sidecar, timeout=10), nan_row, fail_open=fail_open)
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not finite" in error.value.details
+
+
+def test_nan_row_raises_when_the_sidecar_is_unreachable_instead_of_a_label_from_nan():
+    rows = np.array([[0.7, 0.2, 0.1], [0.2, 0.3, np.nan]])
+    with pytest.raises(SidecarError) as error:
+        protect(DefenseClient(f"127.0.0.1:{free_port()}", timeout=0.5), rows)
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details == "row 1: value nan at column 2 is not finite"
+
+
+def test_async_nan_row_raises_when_the_sidecar_is_unreachable():
+    async def run():
+        client = AsyncDefenseClient(f"127.0.0.1:{free_port()}", timeout=0.5)
+        try:
+            return await protect_async(client, np.array([np.inf, 0.0]))
+        finally:
+            await client.close()
+
+    with pytest.raises(SidecarError, match="row 0: value inf at column 0 is not finite"):
+        asyncio.run(run())
 
 
 def test_async_protect_fails_closed():

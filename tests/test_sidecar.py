@@ -219,7 +219,9 @@ def test_health_is_not_serving_until_kernels_are_warm(sidecar):
                 break
             time.sleep(0.01)
         assert "NOT_SERVING" in seen and status == "SERVING", process.output()
-        assert "UNAVAILABLE: the sidecar is warming up its kernels; retry shortly" in seen
+        refusals = {s for s in seen if s.startswith("UNAVAILABLE: ")}
+        assert refusals and all("the sidecar is warming up its kernels" in s
+                                and s.endswith("; retry shortly") for s in refusals), seen
         assert DefenseClient(address, timeout=10).perturb(ROWS).shape == ROWS.shape
     finally:
         process.stop()

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable
 
 from stealguard.server.config import Config
-from stealguard.server.defenses import warm_up
 from stealguard.server.platform import lifecycle
 from stealguard.server.platform.app import GrpcApp
 from stealguard.server.platform.metrics import serve_metrics
@@ -23,7 +22,7 @@ from stealguard.server.proxy.options import ProxyPolicies
 from stealguard.server.proxy.torchserve import TorchServeProxy
 from stealguard.server.proxy.upstream import Upstream, upstream_credentials
 from stealguard.server.proxy.v2 import V2Proxy
-from stealguard.server.sidecar import protect_core
+from stealguard.server.sidecar import protect_core, warm_kernels
 
 log = logging.getLogger("stealguard.proxy")
 
@@ -46,7 +45,8 @@ class Proxy(lifecycle.Service):
         self.draining = DRAINING
 
     def warm_up(self) -> str:
-        return f"kernels warm in {warm_up():.2f}s"
+        seconds = warm_kernels(self.core, self.core.policies, "proxy", log)
+        return f"kernels warm in {seconds:.2f}s"
 
     async def serving(self, app: GrpcApp) -> None:
         self.proxy.core.open()
