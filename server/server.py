@@ -25,9 +25,11 @@ from grpc_reflection.v1alpha import reflection
 from stealguard.server import metrics
 from stealguard.server.config import Config, ConfigError
 from stealguard.server.defenses import warm_up
+from stealguard.server.extproc.servicer import SERVICE as EXTPROC_SERVICE
+from stealguard.server.extproc.servicer import add_extproc
 from stealguard.server.interceptors import GuardInterceptor, RateLimiter
 from stealguard.server.lenient import add_lenient
-from stealguard.server.policies import PolicySet
+from stealguard.server.proxy.options import ProxyPolicies
 from stealguard.server.security import Tokens, server_credentials
 from stealguard.server.servicer import DefenseServicer
 from stealguard.v1 import defense_pb2, defense_pb2_grpc
@@ -185,11 +187,12 @@ async def run_sidecar(config: Config, *, reuse_port: bool = False,
     SIGHUP calls `reload` for a new config and swaps in its policies between calls; a bad
     new config is logged and the old policies stay.
     """
-    policies = PolicySet.from_config(config.policies, config.secret_bytes())
-    servicer = DefenseServicer(policies, max_rows=config.max_rows,
+    policies = ProxyPolicies.from_config(config.policies, config.secret_bytes())
+    servicer = DefenseServicer(policies.policies, max_rows=config.max_rows,
                                with_metrics=config.metrics_port > 0)
-    app = GrpcApp.from_config(config, [DEFENSE_SERVICE], reuse_port=reuse_port)
+    app = GrpcApp.from_config(config, [DEFENSE_SERVICE, EXTPROC_SERVICE], reuse_port=reuse_port)
     add_lenient(defense_pb2_grpc.add_DefenseServicer_to_server, servicer, app.server)
+    extproc = add_extproc(app.server, servicer, policies, config)  # Envoy ext_proc
 
     def refuse() -> None:
         servicer.not_serving = "the sidecar is draining; retry on another instance"
@@ -197,7 +200,8 @@ async def run_sidecar(config: Config, *, reuse_port: bool = False,
                  servicer.end_idle_streams())
 
     def swap_policies() -> str:
-        servicer.policies = PolicySet.from_config(reload().policies, config.secret_bytes())
+        new = ProxyPolicies.from_config(reload().policies, config.secret_bytes())
+        servicer.policies, extproc.options = new.policies, new.resolve
         return ", ".join(f"{p.name}={p.defense_name}" for p in servicer.policies)
 
     app.on_drain.append(refuse)
@@ -208,7 +212,7 @@ async def run_sidecar(config: Config, *, reuse_port: bool = False,
     host = config.listen.rsplit(":", 1)[0]
     log.info("listening on %s:%d (pid %d)%s, policies: %s", host, port, os.getpid(),
              " with TLS" if app.credentials else "",
-             ", ".join(f"{p.name}={p.defense_name}" for p in policies))
+             ", ".join(f"{p.name}={p.defense_name}" for p in servicer.policies))
     seconds = await app.unless_stopped(warm_up)
     if seconds is not None:
         # What exists now (numba, llvmlite, the compiled kernels) lives as long as the
