@@ -167,7 +167,7 @@ class _Exchange:
             kind = kind_of(error)
             if kind == INVALID:
                 try:
-                    answer.refuse(str(error))
+                    answer.refuse(f"not probabilities: {error}")
                 except ValueError as unrecognized:
                     return _refusal(route, INVALID, str(unrecognized))
                 return self._replaced(body if decompressed else None, decompressed)
