@@ -30,7 +30,7 @@ class RawProbabilities(BaseHandler):
     def postprocess(self, data):
         top_k = self.context.manifest["model"]["modelName"].endswith("-topk")
         answers = []
-        for rows, batched in zip(torch.split(data, self.sizes), self.batched):
+        for rows, batched in zip(torch.split(data, self.sizes), self.batched, strict=True):
             if top_k:
                 probs, classes = torch.topk(rows, 5, dim=1)
                 labels = map_class_to_label(probs.tolist(), None, classes.tolist())
