@@ -15,6 +15,7 @@ import os
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -75,10 +76,14 @@ def _http_filters(listener: dict) -> list:
 class Envoy:
     """A real Envoy on loopback: `url` (with ext_proc), `raw_url` (without), `admin`."""
 
-    def __init__(self, work: Path, clusters: dict[str, str], **options):
+    def __init__(self, work: Path, clusters: dict[str, str], *,
+                 edit: Callable[[dict], dict] | None = None, **options):
+        """`edit` may change the config before Envoy starts (the benchmark's routes)."""
         self.port, self.raw_port, admin = free_port(), free_port(), free_port()
         config = envoy_config(clusters, port=self.port, raw_port=self.raw_port,
                               admin_port=admin, **options)
+        if edit is not None:
+            config = edit(config)
         path = work / "envoy.json"
         path.write_text(json.dumps(config))
         self.url = f"http://127.0.0.1:{self.port}"

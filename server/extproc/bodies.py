@@ -99,7 +99,8 @@ def route_of(method: str, path: str, content_type: str) -> Route | None:
     for pattern, api in _REST:
         match = pattern.fullmatch(path)
         if match:
-            return Route(api, unquote(match["model"]), unquote(match.groupdict().get("version") or ""))
+            version = match.groupdict().get("version") or ""
+            return Route(api, unquote(match["model"]), unquote(version))
     return None
 
 
