@@ -8,10 +8,11 @@ Envoy, against the same Envoy without the filter.
 
 Starts `stealguard-sidecar` (Reverse Sigmoid, beta 1.5, gamma 0.3) and a real Envoy 1.40
 (`.tools/envoy`, from `scripts/tools`) running deploy/envoy/envoy.yaml, with a second
-listener identical but for the ext_proc filter. Both listeners answer
-`POST /predictions/bench` with the same 1x10 JSON probability list from an Envoy
-`direct_response`, so no upstream's time or noise is in either path. One client sends one
-call at a time, alternating the two listeners in one run (keep-alive HTTP/1.1). Reports
+listener identical but for the ext_proc filter. Both listeners proxy
+`POST /predictions/bench` to a third listener of the same Envoy that answers a 1x10 JSON
+probability list itself (`direct_response`), so the upstream adds little time or noise.
+One client sends one call at a time, alternating the two listeners in one run (keep-alive
+HTTP/1.1). Reports
 p50/p99 of each, the added p50 (difference of the p50s, and p50 of the per-pair
 differences) and the CPU per call the filter adds: the sidecar's CPU plus Envoy's extra
 CPU, per call. Target: at most 1.0 ms added at p50.
@@ -22,6 +23,7 @@ Prints Markdown; writes {"headline": {...}} to $STEALGUARD_BENCH_JSON when set.
 from __future__ import annotations
 
 import argparse
+import copy
 import http.client
 import json
 import os
@@ -35,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 import numpy as np  # noqa: E402
 from _extproc_helpers import Envoy  # noqa: E402 - the one way Envoy starts
-from _procs import start_sidecar  # noqa: E402
+from _procs import free_port, start_sidecar  # noqa: E402
 from proxy import add_pair_flags, check_pair_flags, cpu_seconds, summary  # noqa: E402
 
 CONFIG = "policies:\n  default: {defense: reverse_sigmoid, beta: 1.5, gamma: 0.3}\n"
@@ -48,16 +50,34 @@ def answer() -> str:
     return json.dumps((np.exp(logits) / np.exp(logits).sum()).tolist())
 
 
-def with_direct_response(config: dict, body: str) -> dict:
-    """Both listeners answer PATH themselves, through their whole filter chain."""
-    route = {"match": {"path": PATH},
-             "direct_response": {"status": 200, "body": {"inline_string": body}},
-             "response_headers_to_add": [{"header": {"key": "content-type",
-                                                     "value": "application/json"}}]}
-    for listener in config["static_resources"]["listeners"]:
-        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
-        manager["route_config"]["virtual_hosts"][0]["routes"].insert(0, route)
+def with_bench_upstream(config: dict, body: str, port: int) -> dict:
+    """A third listener, without ext_proc, answers PATH with `body` (a `direct_response`:
+    Envoy's own local replies do not go through ext_proc); both measured listeners proxy
+    PATH to it, so the answer they protect comes from a real upstream that adds little."""
+    listeners = config["static_resources"]["listeners"]
+    upstream = copy.deepcopy(listeners[-1])  # the raw listener: no ext_proc filter
+    upstream["name"] = "bench_upstream"
+    upstream["address"]["socket_address"]["port_value"] = port
+    _routes(upstream)[:] = [{
+        "match": {"path": PATH},
+        "direct_response": {"status": 200, "body": {"inline_string": body}},
+        "response_headers_to_add": [{"header": {"key": "content-type",
+                                                "value": "application/json"}}]}]
+    for listener in listeners:
+        _routes(listener).insert(0, {"match": {"path": PATH},
+                                     "route": {"cluster": "bench_upstream"}})
+    listeners.append(upstream)
+    config["static_resources"]["clusters"].append({
+        "name": "bench_upstream", "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "bench_upstream", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                         "port_value": port}}}}]}]}})
     return config
+
+
+def _routes(listener: dict) -> list:
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return manager["route_config"]["virtual_hosts"][0]["routes"]
 
 
 def measure(ports: tuple[int, int], calls: int, warmup: int) -> np.ndarray:
@@ -65,7 +85,7 @@ def measure(ports: tuple[int, int], calls: int, warmup: int) -> np.ndarray:
     connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for port in ports]
     body = b"{}"
 
-    def call(which: int) -> None:
+    def call(which: int) -> bytes:
         connection = connections[which]
         connection.request("POST", PATH, body=body, headers={"content-type": "application/json"})
         reply = connection.getresponse()
@@ -73,7 +93,10 @@ def measure(ports: tuple[int, int], calls: int, warmup: int) -> np.ndarray:
         if reply.status != 200:
             raise SystemExit(f"bench/extproc.py: listener {ports[which]} answered "
                              f"{reply.status}: {data[:200]!r}")
+        return data
 
+    if ports[0] != ports[1] and call(0) == call(1):
+        raise SystemExit("bench/extproc.py: the ext_proc listener answered the raw body")
     for _ in range(warmup):
         call(0)
         call(1)
@@ -102,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         clusters = dict.fromkeys(("torchserve_rest", "kserve_v1", "torchserve_grpc", "v2_rest",
                                   "v2_grpc"), address)  # unused: PATH is answered by Envoy
         envoy = Envoy(tmp, {**clusters, "stealguard": address},
-                      edit=lambda config: with_direct_response(config, answer()))
+                      edit=lambda config: with_bench_upstream(config, answer(),
+                                                              free_port()))
         load_before = os.getloadavg()[0]
         # warm-up first, outside the CPU count
         measure((envoy.raw_port, envoy.port), 0, args.warmup)
@@ -146,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"Envoy 1.40 (`--concurrency 1`) answering a 1x10 JSON probability list itself "
-          f"(`direct_response`) on two listeners, one with the ext_proc filter; "
+          f"(`direct_response`) behind two listeners, one with the ext_proc filter; "
           f"{args.calls} calls to each, alternating, one at a time ({args.warmup} pairs of "
           f"warm-up); load average {load_before:.1f} -> {load_after:.1f} on "
           f"{os.cpu_count()} cores.\n")
