@@ -234,3 +234,40 @@ def test_processor_down_is_an_error_never_the_raw_answer(tmp_path, scripted):
     assert (raw_status, json.loads(raw_body)) == (200, raw)
     assert status >= 500
     assert b"0.6" not in body
+
+
+def test_shipped_configs_fail_closed_with_a_message_timeout_and_envoy_accepts_them(tmp_path):
+    import subprocess
+
+    import yaml
+    from _extproc_helpers import ENVOY_YAML, envoy_binary
+
+    envoy = yaml.safe_load(ENVOY_YAML.read_text())
+    manager = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    filters = manager["typed_config"]["http_filters"]
+    assert [f["name"] for f in filters] == ["envoy.filters.http.ext_proc",
+                                            "envoy.filters.http.router"]
+    ext_proc = filters[0]["typed_config"]
+    istio = yaml.safe_load((ENVOY_YAML.parent / "istio-envoyfilter.yaml").read_text())
+    (patch,) = istio["spec"]["configPatches"]
+    assert patch["patch"]["operation"] == "INSERT_BEFORE"
+    assert patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == (
+        "envoy.filters.http.router")
+    istio_ext_proc = patch["patch"]["value"]["typed_config"]
+    gateway = yaml.safe_load((ENVOY_YAML.parent / "envoy-gateway.yaml").read_text())
+    (gateway_ext_proc,) = gateway["spec"]["extProc"]
+    for config in (ext_proc, istio_ext_proc):
+        assert config["failure_mode_allow"] is False and config["message_timeout"]
+        assert config["processing_mode"]["response_body_mode"] == "BUFFERED"
+    assert gateway_ext_proc["failOpen"] is False and gateway_ext_proc["messageTimeout"]
+    assert gateway_ext_proc["processingMode"]["response"]["body"] == "Buffered"
+    # real Envoy validates the shipped config, and the Istio filter in its place
+    istio_ext_proc["grpc_service"]["envoy_grpc"]["cluster_name"] = "stealguard"
+    filters[0]["typed_config"] = istio_ext_proc
+    for name, config in (("envoy.yaml", ENVOY_YAML.read_text()), ("istio.yaml",
+                                                                  yaml.safe_dump(envoy))):
+        (tmp_path / name).write_text(config)
+        done = subprocess.run([str(envoy_binary()), "--mode", "validate", "-c",
+                               str(tmp_path / name)], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
