@@ -271,3 +271,14 @@ def test_shipped_configs_fail_closed_with_a_message_timeout_and_envoy_accepts_th
                                str(tmp_path / name)], capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_answer_above_envoys_buffer_limit_is_an_error_not_the_raw_answer(stack, scripted):
+    sidecar, _, envoy, _ = stack
+    row = [0.5, 0.25, 0.25]
+    body = json.dumps([row] * 600_000).encode()  # about 10 MB, over envoy.yaml's 8 MiB
+    scripted.answers["/predictions/enormous"] = (200, {}, body)
+    status, _, answer = post_json(envoy.url + "/predictions/enormous", {}, timeout=60)
+    assert status >= 500
+    assert len(answer) < 1000
+    assert health_status(sidecar) == "SERVING"
