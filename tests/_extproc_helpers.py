@@ -91,23 +91,7 @@ class Envoy:
         self.admin = f"http://127.0.0.1:{admin}"
         self.process = Process([str(envoy_binary()), "-c", str(path), "--disable-hot-restart",
                                 "--concurrency", "1", "-l", "warning"], cwd=str(work))
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.popen.poll() is not None:
-                raise RuntimeError(f"envoy exited with {self.process.popen.returncode}:\n"
-                                   + self.process.output())
-            try:
-                with urllib.request.urlopen(f"{self.admin}/ready", timeout=1) as reply:
-                    if reply.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.process.stop()
-        raise TimeoutError(f"envoy not ready after {timeout}s:\n{self.process.output()}")
+        wait_ready(self.process, f"{self.admin}/ready", timeout=60)
 
     def stop(self) -> None:
         self.process.stop()
@@ -140,23 +124,29 @@ class MLServer:
         self.grpc = f"127.0.0.1:{grpc_port}"
         self.process = Process([str(venv / "bin" / "mlserver"), "start", "."], cwd=str(models),
                                env={"PYTHONPATH": ""})
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.process.popen.poll() is not None:
-                raise RuntimeError("mlserver exited:\n" + self.process.output())
-            try:
-                with urllib.request.urlopen(
-                        f"{self.rest}/v2/models/{MLSERVER_MODEL}/ready", timeout=1) as reply:
-                    if reply.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.25)
-        self.process.stop()
-        raise TimeoutError("mlserver not ready after 180s:\n" + self.process.output())
+        wait_ready(self.process, f"{self.rest}/v2/models/{MLSERVER_MODEL}/ready", timeout=180)
 
     def stop(self) -> None:
         self.process.stop()
+
+
+def wait_ready(process: Process, url: str, *, timeout: float) -> None:
+    """Wait until GET `url` answers 200; stop `process` and fail with its output if it
+    exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.popen.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.popen.returncode}:\n"
+                               + process.output())
+        try:
+            with urllib.request.urlopen(url, timeout=1) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    process.stop()
+    raise TimeoutError(f"{process.args[0]} not ready after {timeout}s:\n{process.output()}")
 
 
 def post_json(url: str, document, *, headers: dict | None = None,
