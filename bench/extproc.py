@@ -51,9 +51,9 @@ def answer() -> str:
 
 
 def with_bench_upstream(config: dict, body: str, port: int) -> dict:
-    """A third listener, without ext_proc, answers PATH with `body` (a `direct_response`:
-    Envoy's own local replies do not go through ext_proc); both measured listeners proxy
-    PATH to it, so the answer they protect comes from a real upstream that adds little."""
+    """A third listener, without ext_proc, answers PATH with `body` (a `direct_response`);
+    both measured listeners proxy PATH to it, so the answer they protect comes over a real
+    upstream connection, as a model server's would, from an upstream that adds little."""
     listeners = config["static_resources"]["listeners"]
     upstream = copy.deepcopy(listeners[-1])  # the raw listener: no ext_proc filter
     upstream["name"] = "bench_upstream"
