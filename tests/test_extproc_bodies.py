@@ -15,21 +15,25 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from stealguard.compat.kserve import grpc_predict_v2_pb2 as v2
 from stealguard.compat.torchserve import inference_pb2
+from stealguard.server.errors import Unavailable
 from stealguard.server.extproc import bodies
 from stealguard.server.extproc.frames import FrameError, deframe, frame
 from stealguard.server.extproc.servicer import LABEL_ONLY_HEADER, ExternalProcessorServicer
 from stealguard.server.proxy.errors import Unrecognized
 from stealguard.server.proxy.options import ProxyPolicies
-from stealguard.server.servicer import NotServing
 
 POLICIES = ProxyPolicies.from_config(
     {"default": {"defense": "none"}, "lenient": {"defense": "none", "on_unrecognized": "pass"}},
     b"key")
 
 
-def _reversed(rows: np.ndarray) -> np.ndarray:
-    """A stand-in defense whose effect is easy to see: each row reversed."""
+async def _reversed(rows: np.ndarray) -> np.ndarray:
+    """A stand-in for the protect core whose effect is easy to see: each row reversed."""
     return np.asarray(rows)[..., ::-1].copy()
+
+
+def _rewrite(answer: bodies.Answer, perturb=_reversed) -> bytes:
+    return asyncio.run(answer.rewrite(perturb))
 
 
 def _answer(path: str, body: bytes, model: str = "default", content_type="application/json"):
@@ -69,14 +73,19 @@ def test_streaming_inference_method_is_a_route_to_refuse():
 ])
 def test_torchserve_list_and_list_of_lists_are_rewritten_row_for_row(prediction):
     answer = _answer("/predictions/m", json.dumps(prediction).encode())
-    rewritten = json.loads(answer.rewrite(_reversed))
+    rewritten = json.loads(_rewrite(answer))
     np.testing.assert_array_equal(rewritten, np.array(prediction)[..., ::-1])
 
 
 def test_top_k_dict_is_one_row_with_the_missing_mass_as_a_last_class_and_keeps_its_labels():
     seen = []
+
+    async def perturb(rows):
+        seen.append(rows)
+        return rows[..., ::-1]
+
     answer = _answer("/predictions/m", b'{"tabby": 0.5, "tiger": 0.3}')
-    rewritten = json.loads(answer.rewrite(lambda rows: seen.append(rows) or rows[..., ::-1]))
+    rewritten = json.loads(_rewrite(answer, perturb))
     np.testing.assert_allclose(seen[0], [[0.5, 0.3, 0.2]])
     assert list(rewritten) == ["tabby", "tiger"]
     np.testing.assert_allclose(list(rewritten.values()), [0.2, 0.3])
@@ -84,7 +93,7 @@ def test_top_k_dict_is_one_row_with_the_missing_mass_as_a_last_class_and_keeps_i
 
 def test_kserve_v1_rewrites_predictions_and_keeps_other_keys():
     body = json.dumps({"predictions": [[0.9, 0.1]], "id": "a"}).encode()
-    rewritten = json.loads(_answer("/v1/models/m:predict", body).rewrite(_reversed))
+    rewritten = json.loads(_rewrite(_answer("/v1/models/m:predict", body)))
     assert rewritten == {"predictions": [[0.1, 0.9]], "id": "a"}
 
 
@@ -95,7 +104,7 @@ def test_v2_rest_rewrites_only_named_float_outputs_and_flattens_nested_data():
          "data": [[0.75, 0.25], [0.5, 0.5]]}]}).encode()
     answer = _answer("/v2/models/iris/infer", body)
     assert answer.model == "iris"
-    outputs = json.loads(answer.rewrite(_reversed))["outputs"]
+    outputs = json.loads(_rewrite(answer))["outputs"]
     assert outputs[0]["data"] == [0, 1]
     assert outputs[1]["data"] == [0.25, 0.75, 0.5, 0.5]
     assert outputs[1]["datatype"] == "FP32" and outputs[1]["shape"] == [2, 2]
@@ -105,7 +114,7 @@ def test_v2_rest_without_a_named_output_is_unrecognized():
     body = json.dumps({"outputs": [{"name": "logits", "shape": [2], "datatype": "FP32",
                                     "data": [1.0, 2.0]}]}).encode()
     with pytest.raises(Unrecognized, match="none of its outputs"):
-        _answer("/v2/models/iris/infer", body).rewrite(_reversed)
+        _rewrite(_answer("/v2/models/iris/infer", body))
 
 
 def test_v2_grpc_answer_is_deframed_rewritten_and_reframed_with_its_model():
@@ -116,7 +125,7 @@ def test_v2_grpc_answer_is_deframed_rewritten_and_reframed_with_its_model():
     answer = _answer("/inference.GRPCInferenceService/ModelInfer",
                      frame([message.SerializeToString()]), content_type="application/grpc")
     assert answer.model == "iris"
-    (out,) = deframe(answer.rewrite(_reversed), max_bytes=1 << 20)
+    (out,) = deframe(_rewrite(answer), max_bytes=1 << 20)
     assert list(v2.ModelInferResponse.FromString(out).outputs[0].contents.fp32_contents) == [
         0.25, 0.75]
 
@@ -128,8 +137,8 @@ def test_torchserve_grpc_request_names_the_model_and_gzip_messages_are_read():
     answer = inference_pb2.PredictionResponse(prediction=b"[0.9, 0.1]").SerializeToString()
     route = bodies.Route("torchserve-grpc", "mnist")
     body = b"\x01" + len(gzip.compress(answer)).to_bytes(4, "big") + gzip.compress(answer)
-    rewritten = bodies.Answer(route, body, POLICIES.resolve("mnist"), encoding="gzip",
-                              max_bytes=1 << 20).rewrite(_reversed)
+    rewritten = _rewrite(bodies.Answer(route, body, POLICIES.resolve("mnist"),
+                                       encoding="gzip", max_bytes=1 << 20))
     (out,) = deframe(rewritten, max_bytes=1 << 20)
     assert json.loads(inference_pb2.PredictionResponse.FromString(out).prediction) == [0.1, 0.9]
 
@@ -150,12 +159,12 @@ def test_unreadable_body_passes_unchanged_only_when_the_policy_says_pass():
     with pytest.raises(Unrecognized, match="is not JSON"):
         _answer("/v1/models/m:predict", b"<html>")
     lenient = _answer("/v1/models/lenient:predict", b"<html>", model="lenient")
-    assert lenient.rewrite(_reversed) == b"<html>"
+    assert _rewrite(lenient) == b"<html>"
 
 
 def test_label_only_is_the_one_hot_of_each_rows_top_class_in_its_dtype():
     rows = np.array([[0.2, 0.7, 0.1], [0.5, 0.1, 0.4]], dtype=np.float32)
-    labels = bodies.label_only(rows)
+    labels = asyncio.run(bodies.label_only(rows))
     assert labels.dtype == np.float32
     np.testing.assert_array_equal(labels, [[0, 1, 0], [1, 0, 0]])
 
@@ -209,7 +218,7 @@ def test_servicer_rewrites_the_body_sets_content_length_and_charges_the_principa
 
 def test_servicer_answers_label_only_while_the_sidecar_cannot_protect():
     async def protect(rows, model, principal):
-        raise NotServing("the sidecar is draining")
+        raise Unavailable("the sidecar is draining")
 
     reply = _exchange(protect, "/predictions/mnist", b"[[0.1, 0.2, 0.7]]")[2]
     immediate = reply.immediate_response

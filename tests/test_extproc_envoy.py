@@ -282,3 +282,25 @@ def test_answer_above_envoys_buffer_limit_is_an_error_not_the_raw_answer(stack, 
     assert status >= 500
     assert len(answer) < 1000
     assert health_status(sidecar) == "SERVING"
+
+
+def test_rate_limit_charges_the_end_principal_not_envoy(tmp_path, scripted):
+    upstream = f"127.0.0.1:{scripted.server_address[1]}"
+    scripted.answers["/predictions/limited"] = (200, {}, json.dumps([[0.7, 0.3]] * 2).encode())
+    sidecar, address = start_sidecar("--rate-limit", "0.001", "--rate-burst", "2")
+    envoy = None
+    try:
+        envoy = Envoy(tmp_path, {"stealguard": address, "torchserve_rest": upstream,
+                                 "kserve_v1": upstream, "torchserve_grpc": upstream,
+                                 "v2_rest": upstream, "v2_grpc": upstream})
+        url = envoy.url + "/predictions/limited"
+        alice = [post_json(url, {}, headers={"x-client-id": "alice"}) for _ in range(3)]
+        bob = post_json(url, {}, headers={"x-client-id": "bob"})
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        sidecar.stop()
+    assert [status for status, _, _ in alice] == [200, 200, 429]  # a burst of 2 requests
+    status, headers, body = alice[2]
+    assert json.loads(body)["kind"] == "exhausted" and "retry-after" in headers
+    assert bob[0] == 200

@@ -161,6 +161,18 @@ def test_metrics_count_requests_rows_clients_and_distortion(guarded):
 def limited():
     process, address = start_sidecar("--max-rows", "4", "--max-message-bytes", "4096",
                                      "--max-in-flight", "1")
+    # With one call in flight allowed, the health check that found it SERVING may still
+    # hold the slot on a loaded machine: wait until a plain call is answered.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with DefenseClient(address, timeout=10) as client:
+                client.perturb(ROWS)
+            break
+        except SidecarError as error:
+            if error.code != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     yield address
     process.stop()
 
@@ -283,7 +295,7 @@ def test_sighup_swaps_policies_under_load_with_zero_errors(tmp_path):
 def test_callers_cannot_add_per_client_series_without_end():
     """Without tokens a client names itself (x-client-id): past MAX_CLIENT_SERIES names,
     new ones share one series, so /metrics and memory stay bounded."""
-    from stealguard.server.metrics import MAX_CLIENT_SERIES, OTHER_CLIENTS
+    from stealguard.server.platform.metrics import MAX_CLIENT_SERIES, OTHER_CLIENTS
 
     metrics_port = free_port()
     process, address = start_sidecar("--metrics-port", str(metrics_port))

@@ -12,13 +12,11 @@
   whose `prediction` is TorchServe's JSON;
 - `v2-grpc`: gRPC `GRPCInferenceService/ModelInfer`, framed `ModelInferResponse`s.
 
-`Answer` parses one body and rewrites it with `rewrite(apply)`: every block of probability
-rows it holds goes through `apply` (rows -> rows of the same shape), in order, and the body
-comes back with those rows in place. The shapes are read by the proxy's converters
-(`protect_prediction`, `protect_outputs`), which call a policy's `apply`; here that policy is
-`apply` itself, so a caller can first collect the rows (an `apply` that returns them), protect
-them asynchronously, then replay the protected rows into the body. Values are float64 on the
-JSON routes (JSON numbers) and keep their FP32/FP64 dtype on gRPC.
+`Answer` parses one body and rewrites it with `await rewrite(perturb)`: the probability rows
+it holds go through `perturb` (the protect core, or `label_only`) and the body comes back
+with them in place. The shapes are read by the proxy's converters (`protect_prediction`,
+`protect_outputs`), so ext_proc and proxy mode recognise the same answers. Values are
+float64 on the JSON routes (JSON numbers) and keep their FP32/FP64 dtype on gRPC.
 
 A body that holds no probabilities the policy can protect raises `Unrecognized`, or under
 `on_unrecognized: pass` is returned unchanged by `rewrite`.
@@ -29,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -39,10 +36,8 @@ from stealguard.compat.torchserve import inference_pb2
 from stealguard.server.extproc.frames import FrameError, deframe, frame
 from stealguard.server.proxy.errors import Unrecognized
 from stealguard.server.proxy.options import ProxyPolicy
-from stealguard.server.proxy.predictions import protect_prediction
+from stealguard.server.proxy.predictions import Perturb, protect_prediction
 from stealguard.server.proxy.tensors import protect_outputs
-
-Apply = Callable[[np.ndarray], np.ndarray]
 
 TORCHSERVE = "torchserve"
 KSERVE_V1 = "kserve-v1"
@@ -115,17 +110,6 @@ def request_model(body: bytes, encoding: str, *, max_bytes: int) -> str:
         return ""
 
 
-@dataclasses.dataclass(frozen=True)
-class _Rows:
-    """A stand-in for a `Policy` inside the proxy's converters: rows go to `apply`."""
-
-    name: str
-    apply_rows: Apply
-
-    def apply(self, probabilities, logits: bool = False) -> np.ndarray:
-        return self.apply_rows(np.asarray(probabilities))
-
-
 class Answer:
     """One answer body of `route`, parsed; `rewrite(apply)` gives it with its rows applied.
 
@@ -185,31 +169,32 @@ class Answer:
             if not self.model:
                 self.model = self._response.model_name
 
-    def rewrite(self, apply: Apply) -> bytes:
-        """The body with every block of probability rows replaced by `apply(rows)`."""
+    async def rewrite(self, perturb: Perturb) -> bytes:
+        """The body with its probability rows replaced by `await perturb(rows)`. Raises
+        `Unrecognized` as `__init__`, and whatever `perturb` raises but `InvalidInput`
+        (rows that are not probabilities: unrecognised)."""
         if self.passed:
             return self.body
-        policy = dataclasses.replace(self.options, policy=_Rows(self.options.name, apply))
-        api = self.route.api
+        policy, api = self.options, self.route.api
         if api == TORCHSERVE:
-            return protect_prediction(self.body, policy, self.model)
+            return await protect_prediction(self.body, policy, self.model, perturb)
         if api == KSERVE_V1:
-            predictions = protect_prediction(self._predictions, policy, self.model)
+            predictions = await protect_prediction(self._predictions, policy, self.model,
+                                                   perturb)
             return _dump({**self._document, "predictions": json.loads(predictions)})
         if api == V2:
-            protect_outputs(self._response, policy, self.model)
+            await protect_outputs(self._response, policy, self.model, perturb)
             return _dump(_v2_document(self._document, self._response, self.options.outputs))
         messages = []
         for message in self._messages:
+            answer = type(message)()
+            answer.CopyFrom(message)  # the parsed message stays as it came
             if api == TORCHSERVE_GRPC:
-                answer = inference_pb2.PredictionResponse()
-                answer.CopyFrom(message)
                 if answer.prediction:  # a reply with only a status holds nothing
-                    answer.prediction = protect_prediction(answer.prediction, policy,
-                                                           self.model)
+                    answer.prediction = await protect_prediction(answer.prediction, policy,
+                                                                 self.model, perturb)
             else:
-                answer = message  # protect_outputs writes every named output it protects
-                protect_outputs(answer, policy, self.model)
+                await protect_outputs(answer, policy, self.model, perturb)
             messages.append(answer.SerializeToString())
         return frame(messages)
 
@@ -278,9 +263,10 @@ def _flat(data: Any) -> list[float] | None:
     return values
 
 
-def label_only(rows: np.ndarray) -> np.ndarray:
+async def label_only(rows: np.ndarray) -> np.ndarray:
     """Each row as the one-hot of its top class, in the rows' own float dtype: what a
-    caller gets when the rows cannot be protected (the label, never the probabilities)."""
+    caller gets when the rows cannot be protected (the label, never the probabilities).
+    A `perturb` for `Answer.rewrite`."""
     rows = np.asarray(rows)
     labels = np.zeros(rows.shape, dtype=rows.dtype if rows.dtype.kind == "f" else np.float64)
     if rows.size:

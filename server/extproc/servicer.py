@@ -8,18 +8,21 @@ response body. Each stream is an `_Exchange`:
   header, which the gateway sets, else the caller of this stream); the answer sets the
   processing mode for this request, so calls that carry no probabilities pass untouched;
 - response headers: a non-2xx answer carries an error, not probabilities, and passes;
-- response body: parsed, its rows protected, the body rewritten with `content-length`
-  fixed. Fail closed: rows that parsed but cannot be protected (warming up, draining, a
-  bug) are answered label-only; a body that holds no probabilities the policy can read is
-  a 503 with a JSON error (unless the policy says `on_unrecognized: pass`); a limit is a
-  429. Errors to gRPC calls are `ImmediateResponse`s with a gRPC status.
+- response body: parsed, its rows protected by the protect core (limits, metering and
+  metrics for the end principal), the body rewritten with `content-length` fixed. Fail
+  closed: rows that parsed but cannot be protected now (warming up, draining, a bug) are
+  answered label-only; a body that holds no probabilities the policy can read is a 503
+  with a JSON error (unless the policy says `on_unrecognized: pass`); the core's other
+  refusals (a limit, no policy) get their HTTP status from `stealguard.server.errors`.
+  Errors to gRPC calls are `ImmediateResponse`s with the gRPC status of
+  `stealguard.server.platform.status`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import numpy as np
@@ -28,25 +31,25 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.type.v3 import http_status_pb2
+from stealguard.server import errors
 from stealguard.server.config import Config
+from stealguard.server.core import ANONYMOUS, ProtectCore
 from stealguard.server.extproc import bodies
 from stealguard.server.extproc.frames import FrameError, gunzip
-from stealguard.server.extproc.protect import (
-    GRPC_STATUS,
-    HTTP_STATUS,
-    INTERNAL,
-    INVALID,
-    UNAVAILABLE,
-    PolicyShim,
-    Protect,
-    kind_of,
-)
-from stealguard.server.interceptors import CLIENT
-from stealguard.server.lenient import add_lenient
+from stealguard.server.platform.identity import Identity
+from stealguard.server.platform.lenient import add_lenient
+from stealguard.server.platform.status import grpc_status
+from stealguard.server.proxy.errors import Unrecognized
 from stealguard.server.proxy.options import ProxyPolicies, ProxyPolicy
-from stealguard.server.servicer import DefenseServicer
 
 log = logging.getLogger("stealguard.extproc")
+
+#: `async (rows, model, principal) -> (protected rows, policy name)`: `ProtectCore.protect`.
+Protect = Callable[[np.ndarray, str, str], Awaitable[tuple[np.ndarray, str]]]
+#: The core's refusals that mean "not now", not "not this": answered label-only.
+_LABEL_ONLY = (errors.Kind.UNAVAILABLE, errors.Kind.INTERNAL)
+#: An answer that holds no probabilities the policy can read.
+INVALID = "invalid"
 
 SERVICE = ext.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
 LABEL_ONLY_HEADER = "x-stealguard-label-only"
@@ -74,20 +77,24 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
     (`on_unrecognized`, v2 `outputs`)."""
 
     def __init__(self, protect: Protect, options: Callable[[str], ProxyPolicy], *,
-                 principal_header: str, max_bytes: int):
+                 principal_header: str, max_bytes: int, identity: Identity | None = None):
         self.protect = protect
         self.options = options
         self.principal_header = principal_header.lower()
         self.max_bytes = max_bytes
+        self.identity = identity
 
     async def Process(self, request_iterator, context) -> AsyncIterator[ext.ProcessingResponse]:
-        exchange = _Exchange(self, CLIENT.get())
+        # the stream's caller (Envoy) speaks for the end principal its header names
+        caller = self.identity.of(context) if self.identity is not None else ANONYMOUS
+        exchange = _Exchange(self, caller)
         async for request in request_iterator:
             try:
                 yield await exchange.answer(request)
             except Exception:  # noqa: BLE001 - fail closed, never pass what is unread
                 log.exception("internal error while processing %s", exchange.route)
-                yield _refusal(exchange.route, INTERNAL, "stealguard internal error")
+                yield _refusal(exchange.route, errors.Internal(errors.INTERNAL_MESSAGE),
+                               errors.INTERNAL_MESSAGE)
 
 
 class _Exchange:
@@ -143,8 +150,8 @@ class _Exchange:
             return ext.ProcessingResponse(response_body=ext.BodyResponse())
         try:
             options = self.service.options(route.model)
-        except Exception as error:  # noqa: BLE001 - UnknownModel and kin
-            return _refusal(route, kind_of(error), str(error))
+        except errors.ProtectError as error:  # NotFound: no policy and no default
+            return _refusal(route, error, str(error))
         decompressed = False
         try:
             encoding = self.headers.get("grpc-encoding", "identity")
@@ -152,36 +159,26 @@ class _Exchange:
                 body, decompressed = self._decoded(body)
             answer = bodies.Answer(route, body, options, encoding=encoding,
                                    max_bytes=self.service.max_bytes)
-            blocks: list[np.ndarray] = []
-            answer.rewrite(lambda rows: blocks.append(rows) or rows)
-        except (FrameError, ValueError) as error:  # Unrecognized, or an unknown encoding
+        except (FrameError, Unrecognized) as error:
             return _refusal(route, INVALID, str(error))
-        if answer.passed or not blocks:
-            return self._replaced(body if decompressed else None, decompressed)
-        protected = []
+
+        async def perturb(rows: np.ndarray) -> np.ndarray:
+            return (await self.service.protect(rows, answer.model, self.principal))[0]
+
         try:
-            for rows in blocks:
-                protected.append((await self.service.protect(rows, answer.model,
-                                                             self.principal))[0])
+            rewritten = await answer.rewrite(perturb)
+        except Unrecognized as error:
+            return _refusal(route, INVALID, str(error))
         except Exception as error:  # noqa: BLE001 - each kind has its answer
-            kind = kind_of(error)
-            if kind == INVALID:
-                try:
-                    answer.refuse(f"not probabilities: {error}")
-                except ValueError as unrecognized:
-                    return _refusal(route, INVALID, str(unrecognized))
-                return self._replaced(body if decompressed else None, decompressed)
-            if kind not in (UNAVAILABLE, INTERNAL):  # a limit, or no policy: refused
-                return _refusal(route, kind, str(error))
-            if kind == INTERNAL:
-                log.error("protecting %s failed; answering label-only", route,
-                          exc_info=error)
-                reason = "stealguard internal error"
-            else:
-                reason = str(error)
-            return self._label_only(route, answer.rewrite(bodies.label_only), reason)
-        replay = iter(protected)
-        return self._replaced(answer.rewrite(lambda rows: next(replay)), decompressed)
+            if errors.kind_of(error) not in _LABEL_ONLY:  # a limit, no policy: refused
+                return _refusal(route, error, errors.public_message(error))
+            if not isinstance(error, errors.ProtectError):
+                log.error("protecting %s failed; answering label-only", route, exc_info=error)
+            return self._label_only(route, await answer.rewrite(bodies.label_only),
+                                    errors.public_message(error))
+        if answer.passed or rewritten == body:
+            return self._replaced(body if decompressed else None, decompressed)
+        return self._replaced(rewritten, decompressed)
 
     def _decoded(self, body: bytes) -> tuple[bytes, bool]:
         encoding = self.headers.get("content-encoding", "identity").lower()
@@ -223,16 +220,25 @@ class _Exchange:
             body=body, details="stealguard_label_only"))
 
 
-def _refusal(route: bodies.Route | None, kind: str, message: str) -> ext.ProcessingResponse:
-    """An immediate error answer: a gRPC status, or an HTTP status with a JSON error."""
+def _refusal(route: bodies.Route | None, cause: str | BaseException,
+             message: str) -> ext.ProcessingResponse:
+    """An immediate error answer: a gRPC status, or an HTTP status with a JSON error.
+    `cause` is INVALID (an answer that holds no probabilities the policy can read: 503,
+    the upstream's or operator's to fix, not the caller's) or the core's error."""
+    if cause == INVALID:
+        code, status, kind, headers = grpc.StatusCode.FAILED_PRECONDITION, 503, INVALID, {}
+    else:
+        code, status = grpc_status(cause).code, errors.http_status(cause)
+        kind, headers = errors.kind_of(cause).name.lower(), errors.http_headers(cause)
     if route is not None and route.grpc:
-        return _grpc_error(GRPC_STATUS[kind], message)
-    status = HTTP_STATUS[kind]
+        return _grpc_error(code, message)
     body = json.dumps({"error": message, "code": status, "kind": kind,
                        "source": "stealguard"}).encode()
     return ext.ProcessingResponse(immediate_response=ext.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=status),
-        headers=ext.HeaderMutation(set_headers=[_header("content-type", "application/json")]),
+        headers=ext.HeaderMutation(set_headers=[
+            _header("content-type", "application/json"),
+            *(_header(k, v) for k, v in headers.items())]),
         body=body, details=f"stealguard_{kind}"))
 
 
@@ -259,14 +265,14 @@ def _one_line(text: str, limit: int = 200) -> str:
     return " ".join(text.split())[:limit]
 
 
-def add_extproc(server: grpc.aio.Server, defense: DefenseServicer, policies: ProxyPolicies,
-                config: Config) -> ExternalProcessorServicer:
-    """Serve ExternalProcessor on `server` beside the `Defense` servicer, with its policies,
-    limits, state and metrics; the end principal is the request's `client_header`, which
-    the gateway in front sets. Swap `options` on reload (with the servicer's policies)."""
-    service = ExternalProcessorServicer(PolicyShim(defense), policies.resolve,
+def add_extproc(server: grpc.aio.Server, core: ProtectCore, policies: ProxyPolicies,
+                identity: Identity, config: Config) -> ExternalProcessorServicer:
+    """Serve ExternalProcessor on `server` beside the `Defense` servicer, over the same
+    protect core; the end principal is the request's `client_header`, which the gateway in
+    front sets. Swap `options` on reload (with the core's policies)."""
+    service = ExternalProcessorServicer(core.protect, policies.resolve,
                                         principal_header=config.client_header,
-                                        max_bytes=config.max_message_bytes)
+                                        max_bytes=config.max_message_bytes, identity=identity)
     add_lenient(external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server, service,
                 server)
     return service
