@@ -13,13 +13,15 @@ from collections.abc import Callable
 from stealguard.server.config import Config
 from stealguard.server.core import ProtectCore
 from stealguard.server.defenses import warm_up
+from stealguard.server.extproc.servicer import SERVICE as EXTPROC_SERVICE
+from stealguard.server.extproc.servicer import ExternalProcessorServicer, add_extproc
 from stealguard.server.limits import TokenBucket
 from stealguard.server.metrics import MetricsObserver
 from stealguard.server.platform import lifecycle
 from stealguard.server.platform.app import GrpcApp
 from stealguard.server.platform.lenient import add_lenient
 from stealguard.server.platform.metrics import serve_metrics
-from stealguard.server.policies import PolicySet
+from stealguard.server.proxy.options import ProxyPolicies
 from stealguard.server.servicer import DRAINING, WARMING_UP, DefenseServicer
 from stealguard.v1 import defense_pb2, defense_pb2_grpc
 
@@ -66,9 +68,11 @@ class Sidecar(lifecycle.Service):
     draining = DRAINING
 
     def __init__(self, config: Config, servicer: DefenseServicer,
-                 reload: Callable[[], Config] | None):
+                 reload: Callable[[], Config] | None,
+                 extproc: ExternalProcessorServicer | None = None):
         self.config = config
         self.servicer = servicer
+        self.extproc = extproc
         self.core = servicer.core
         self._reload = reload
         self.reloadable = reload is not None
@@ -84,8 +88,10 @@ class Sidecar(lifecycle.Service):
 
     def reload(self) -> str:
         core = self.servicer.core
-        core.policies = PolicySet.from_config(self._reload().policies,
-                                              self.config.secret_bytes())
+        new = ProxyPolicies.from_config(self._reload().policies, self.config.secret_bytes())
+        core.policies = new.policies
+        if self.extproc is not None:  # its on_unrecognized / outputs keys, swapped together
+            self.extproc.options = new.resolve
         return describe_policies(core.policies)
 
     @property
@@ -100,13 +106,16 @@ async def run_sidecar(config: Config, *, reuse_port: bool = False,
     SIGHUP calls `reload` for a new config and swaps in its policies between calls; a bad
     new config is logged and the old policies stay.
     """
-    policies = PolicySet.from_config(config.policies, config.secret_bytes())
+    proxy_policies = ProxyPolicies.from_config(config.policies, config.secret_bytes())
+    policies = proxy_policies.policies
     core = protect_core(config, policies)
     core.refuse(WARMING_UP)
-    app = GrpcApp.from_settings(config, [DEFENSE_SERVICE], reuse_port=reuse_port, logger=log)
+    app = GrpcApp.from_settings(config, [DEFENSE_SERVICE, EXTPROC_SERVICE],
+                                reuse_port=reuse_port, logger=log)
     servicer = DefenseServicer(core, app.identity, with_metrics=bool(config.metrics_port))
     add_lenient(defense_pb2_grpc.add_DefenseServicer_to_server, servicer, app.server)
+    extproc = add_extproc(app.server, core, proxy_policies, app.identity, config)  # Envoy
 
     serve_metrics(config.metrics_port, log)
-    await lifecycle.run(app, Sidecar(config, servicer, reload),
+    await lifecycle.run(app, Sidecar(config, servicer, reload, extproc),
                         details=f", policies: {describe_policies(policies)}")
