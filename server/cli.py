@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stealguard-sidecar",
         description="Serve the stealguard Defense gRPC API: model servers send class "
         "probabilities, the sidecar answers with protected ones.",
-        epilog="Subcommand: 'stealguard-sidecar proxy --help' for proxy mode.",
+        epilog="Subcommands: 'stealguard-sidecar proxy --help' for proxy mode, "
+        "'stealguard-sidecar usage --help' for each principal's metered rows.",
     )
     parser.add_argument("--listen", help="address to serve on (default 127.0.0.1:50051)")
     parser.add_argument("--config", help="YAML config file (also STEALGUARD_CONFIG)")
@@ -100,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         from stealguard.server.proxy.cli import main as proxy_main
 
         return proxy_main(argv[1:])
+    if argv[:1] == ["usage"]:
+        from stealguard.server.metering.usage import main as usage_main
+
+        return usage_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if k != "config"}
