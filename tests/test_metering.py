@@ -431,3 +431,23 @@ def test_usage_command_prints_rows_per_principal_and_window(valkey):
     table = subprocess.run([script("stealguard-sidecar"), "usage", "--store", valkey.url,
                             "--client", "bob"], capture_output=True, text=True, timeout=60)
     assert table.stdout.split() == ["principal", "window", "rows", "bob", "1d", "7"]
+
+
+# --- settings -----------------------------------------------------------------------------
+
+def test_workers_with_a_limit_and_the_memory_store_are_refused_naming_store():
+    from stealguard.server.metering.settings import MeteringSettings
+
+    with pytest.raises(ValueError, match="--store"):
+        MeteringSettings(rate_limit=5).check(workers=2)
+    MeteringSettings(rate_limit=5, store="redis://127.0.0.1:1/0").check(workers=2)
+    MeteringSettings().check(workers=4)  # nothing limited: nothing to share
+
+
+def test_settings_refuse_a_bad_store_url_and_quota():
+    from stealguard.server.metering.settings import MeteringSettings
+
+    with pytest.raises(ValueError, match="--store 'http://x'"):
+        MeteringSettings(rate_limit=1, store="http://x").check()
+    with pytest.raises(ValueError, match="quota"):
+        MeteringSettings(quota=["lots"]).check()

@@ -174,7 +174,7 @@ class RedisStore:
 
     async def _call(self, awaitable):
         try:
-            return await asyncio.wait_for(awaitable, self.timeout * 2)
+            return await asyncio.wait_for(awaitable, self.timeout)
         except self._errors as error:
             raise StoreError(f"{type(error).__name__}: {error}" if str(error)
                              else type(error).__name__) from error
