@@ -20,6 +20,7 @@ ends the outage, no restart needed.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import OrderedDict
@@ -40,6 +41,10 @@ log = logging.getLogger("stealguard.metering")
 
 FAILURE_MODES = ("closed", "open")
 REMAINING_KEY = "x-stealguard-remaining"
+#: The last admission in this context: a front end that called the protect core (which
+#: awaits `admit` in the same task) reads it for the response metadata.
+ADMISSION: contextvars.ContextVar[Admission | None] = contextvars.ContextVar(
+    "stealguard_admission", default=None)
 PRINCIPAL_KEY = "x-stealguard-principal"
 
 
@@ -137,10 +142,15 @@ class Meter:
             now = self._clock()
             if now < lease.expires:
                 lease.rows -= rows
-                return Admission(principal, rows, lease.remaining, lease.rows)
+                admission = Admission(principal, rows, lease.remaining, lease.rows)
+                ADMISSION.set(admission)
+                return admission
         if not self.limits.active or rows <= 0:
-            return Admission(principal, max(rows, 0), {}, 0)
-        return await self._refill(principal, rows)
+            admission = Admission(principal, max(rows, 0), {}, 0)
+        else:
+            admission = await self._refill(principal, rows)
+        ADMISSION.set(admission)
+        return admission
 
     async def _refill(self, principal: str, rows: int) -> Admission:
         while True:
