@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import yaml
 from stealguard.client import DefenseClient, protect
-from stealguard.modelserver.inputs import InputError, decode_input
+from stealguard.client.inputs import InputError, decode_input
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 

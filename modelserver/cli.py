@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_security(config: ServerConfig) -> None:
     """Read every certificate and token now, so that a bad one is a one-line error at start."""
     from stealguard.client import channel_credentials
-    from stealguard.server.security import Tokens, server_credentials
+    from stealguard.server.platform.credentials import Tokens, server_credentials
 
     server_credentials(config)
     if config.token_file:

@@ -2,13 +2,17 @@
 
     preprocess   the request's `data` (PNG or .npy) → a float32 batch (inputs.py)
     inference    the torch module → logits → softmax in float64 → probabilities
-    protect      the sidecar (`stealguard.client.protect_async`, fail-closed: if the sidecar
-                 cannot answer within min(--sidecar-timeout, what is left of the caller's
-                 deadline), label-only one-hot rows, never the raw probabilities);
-                 skipped for a model whose policy is `none`
+    protect      the protect core (`stealguard.server.core`: the rate limit, then the
+                 observers: metrics) around the sidecar call (`protect_async`,
+                 fail-closed: if the sidecar cannot answer within min(--sidecar-timeout,
+                 what is left of the caller's deadline), label-only one-hot rows, never
+                 the raw probabilities); the identity for a model whose policy is `none`
     postprocess  JSON: the probability vector, or a list of vectors for a batch
 
-`Models` holds the handlers of every model in the store. Nothing here sees a protobuf.
+A `Handler` is the core's policy for its model (named after the model, so metrics are by
+model). `Models` holds the handlers of every model in the store and resolves them for the
+core. Nothing here sees a protobuf, and nothing loads numba: the defense runs in the
+sidecar.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from stealguard.client import AsyncDefenseClient, SidecarError, label_only, protect_async
-from stealguard.modelserver.inputs import InputError, decode_input
+from stealguard.client.inputs import InputError, decode_input
 from stealguard.modelserver.metrics import Recorder
 from stealguard.modelserver.store import ModelSpec, UnknownModel
+from stealguard.server.core import ANONYMOUS, ProtectCore
 
 INFERENCE_CHUNK = 256  # rows per forward pass, so a large batch cannot exhaust memory
 DATA_KEYS = ("data", "body")  # TorchServe's handlers read either key
@@ -39,7 +44,8 @@ class Handler:
 
     def __init__(self, spec: ModelSpec, module: torch.nn.Module,
                  sidecar: AsyncDefenseClient | None, executor: Executor | None = None,
-                 max_batch: int = 1024, recorder: Recorder | None = None):
+                 max_batch: int = 1024, recorder: Recorder | None = None,
+                 core: ProtectCore | None = None):
         if spec.protected and sidecar is None:
             raise ValueError(f"model {spec.name!r} has policy {spec.policy!r}: it needs a sidecar")
         self.spec = spec
@@ -48,6 +54,16 @@ class Handler:
         self.executor = executor
         self.max_batch = max_batch
         self.recorder = recorder or Recorder(enabled=False)
+        self.core = core or ProtectCore(_Only(self))
+
+    @property
+    def name(self) -> str:
+        """The core's policy name: the model's (metrics are by model)."""
+        return self.spec.name
+
+    def perturb(self, rows: np.ndarray, logits: bool = False):
+        """The core's perturb step, with no caller deadline (see `protect`)."""
+        return self.protect(rows)
 
     def preprocess(self, inputs: Mapping[str, bytes]) -> tuple[np.ndarray, bool]:
         """The request's input map → (float32 batch (N, *input_shape), is_batch)."""
@@ -107,19 +123,42 @@ class Handler:
         return self.inference(batch), is_batch
 
     async def handle(self, inputs: Mapping[str, bytes], deadline: float | None = None,
-                     client: str = "anonymous") -> bytes:
-        """Run the pipeline. Raises InputError for input the model cannot take.
+                     client: str = ANONYMOUS) -> bytes:
+        """Run the pipeline. Raises InputError for input the model cannot take, and the
+        core's refusals (`Exhausted` over the rate limit).
 
-        `deadline`: the caller's (see `protect`); `client`: its name, for per-client rows.
+        `deadline`: the caller's (see `protect`); `client`: its principal.
         """
         loop = asyncio.get_running_loop()
         # decoding and the forward pass run off the event loop (torch releases the GIL)
         probs, is_batch = await loop.run_in_executor(
             self.executor, self._preprocess_and_infer, inputs
         )
-        returned = await self.protect(probs, deadline)
-        self.recorder.answer(self.spec.name, client, probs, returned, self.spec.protected)
-        return self.postprocess(returned, is_batch)
+        answer = await self.core.protect(probs, _Bound(self, deadline), client)
+        return self.postprocess(answer.rows, is_batch)
+
+
+class _Bound:
+    """A handler as the core's policy for one call: its sidecar call gets that call's
+    deadline."""
+
+    __slots__ = ("handler", "deadline", "name")
+
+    def __init__(self, handler: Handler, deadline: float | None):
+        self.handler, self.deadline, self.name = handler, deadline, handler.spec.name
+
+    def perturb(self, rows: np.ndarray, logits: bool = False):
+        return self.handler.protect(rows, self.deadline)
+
+
+class _Only:
+    """The policies of a lone handler (a core built for it alone)."""
+
+    def __init__(self, handler: Handler):
+        self.handler = handler
+
+    def resolve(self, name: str) -> Handler:
+        return self.handler
 
 
 def load_module(spec: ModelSpec) -> torch.nn.Module:
@@ -139,15 +178,20 @@ class Models:
 
     def __init__(self, specs: Mapping[str, ModelSpec], sidecar: AsyncDefenseClient | None,
                  executor: Executor | None = None, max_batch: int = 1024,
-                 recorder: Recorder | None = None):
+                 recorder: Recorder | None = None, core: ProtectCore | None = None):
         modules: dict[Path, torch.nn.Module] = {}  # models that share weights share a module
         self.handlers: dict[str, Handler] = {}
+        self.core = core or ProtectCore(self)
         for name, spec in specs.items():
             key = spec.weights.resolve()
             if key not in modules:
                 modules[key] = load_module(spec)
             self.handlers[name] = Handler(spec, modules[key], sidecar, executor, max_batch,
-                                          recorder)
+                                          recorder, self.core)
+
+    def resolve(self, name: str) -> Handler:
+        """The core's policy lookup: the handler of model `name` (`UnknownModel`)."""
+        return self.get(name)
 
     def warm_up(self) -> None:
         """One forward pass per model, so the first request is not the slow one."""

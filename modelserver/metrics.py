@@ -1,10 +1,13 @@
 """Prometheus metrics of the model server, served on `--metrics-port` (default 8082).
 
-They live in the sidecar's registry (`stealguard.server.metrics.REGISTRY`) beside the
-metrics the shared `GuardInterceptor` keeps (`stealguard_client_queries_total` per client,
-`stealguard_in_flight`, `stealguard_request_seconds` by RPC method), so one endpoint shows
-both. Model labels are model-store names only: a caller cannot add label values by
-asking for models that do not exist (they count as `unknown`).
+They live in the platform's registry (`stealguard.server.platform.metrics.REGISTRY`)
+beside the per-call series its interceptor keeps (`stealguard_in_flight`,
+`stealguard_request_seconds` by RPC method) and the per-client ones
+(`stealguard_client_queries_total`, `stealguard_client_rows_total`,
+`stealguard_rate_limited_total`), so one endpoint shows all. `Recorder` counts each
+prediction (`prediction`) and is the protect core's observer of each answer (`observe`).
+Model labels are model-store names only: a caller cannot add label values by asking for
+models that do not exist (they count as `unknown`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ from dataclasses import dataclass
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
-from stealguard.server.metrics import CLIENT_ROWS, REGISTRY, client_label
+from stealguard.server.core import Exchange
+from stealguard.server.platform.metrics import (
+    CLIENT_QUERIES,
+    CLIENT_ROWS,
+    RATE_LIMITED,
+    REGISTRY,
+    client_label,
+)
 
 UNKNOWN_MODEL = "unknown"
 
@@ -49,21 +59,29 @@ class Outcome:
     """The status code of one prediction, set by whoever knows it (OK unless told)."""
 
     code: str = "OK"
+    limited: bool = False  # refused by the rate limit (not counted as a query)
 
 
 class Recorder:
-    """Records the model server's metrics; does nothing when `enabled` is false."""
+    """Records the model server's metrics; does nothing when `enabled` is false.
 
-    def __init__(self, enabled: bool, models: Iterable[str] = ()):
+    `models` are the names in the store, `protected` those with a protect step (only they
+    get distortion series).
+    """
+
+    def __init__(self, enabled: bool, models: Iterable[str] = (),
+                 protected: Iterable[str] | None = None):
         self.enabled = enabled
         self.models = frozenset(models)
+        self.protected = self.models if protected is None else frozenset(protected)
 
     def _label(self, model: str) -> str:
         return model if model in self.models else UNKNOWN_MODEL
 
     @contextmanager
-    def prediction(self, model: str) -> Iterator[Outcome]:
-        """Count one prediction by model and final status code, its latency and in-flight."""
+    def prediction(self, model: str, client: str | None = None) -> Iterator[Outcome]:
+        """Count one prediction by model and final status code, its latency and in-flight,
+        and as one query of `client` unless its rate limit refused it."""
         outcome = Outcome()
         if not self.enabled:
             yield outcome
@@ -77,16 +95,28 @@ class Recorder:
             IN_FLIGHT.dec()
             LATENCY.labels(label).observe(time.perf_counter() - start)
             REQUESTS.labels(label, outcome.code).inc()
+            if client is not None and not outcome.limited:
+                CLIENT_QUERIES.labels(client_label(client)).inc()
 
-    def answer(self, model: str, client: str, raw: np.ndarray, returned: np.ndarray,
-               protected: bool) -> None:
+    def observe(self, exchange: Exchange) -> None:
+        """The protect core's observer: rows of one answer; for a protected model, its
+        distortion against the model's raw output; a refusal by the rate limit."""
+        if not self.enabled:
+            return
+        if exchange.limited:
+            RATE_LIMITED.labels(client_label(exchange.principal)).inc()
+        if exchange.returned is not None:
+            self.answer(exchange.policy, exchange.principal, exchange.given,
+                        exchange.returned)
+
+    def answer(self, model: str, client: str, raw: np.ndarray, returned: np.ndarray) -> None:
         """Rows of one answer; for a protected model, its distortion against `raw`."""
         if not self.enabled:
             return
         rows = len(raw)
         ROWS.labels(self._label(model)).inc(rows)
         CLIENT_ROWS.labels(client_label(client)).inc(rows)
-        if not protected or rows == 0:
+        if model not in self.protected or rows == 0:
             return
         L1_DISTORTION.labels(model).inc(float(np.abs(returned - raw).sum()))
         changed = int((returned.argmax(axis=1) != raw.argmax(axis=1)).sum())

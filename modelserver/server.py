@@ -1,15 +1,16 @@
 """Assemble and run the model server: store → handlers → TorchServe gRPC API.
 
-The gRPC plumbing (health, reflection, signals, graceful drain) is the sidecar's
-`GrpcApp`, the one place that starts a stealguard server.
+The gRPC plumbing (health, reflection, interceptors) is the platform's `GrpcApp` and the
+lifecycle (warm-up -> SERVING -> drain) the platform's `lifecycle.run`, as for the sidecar
+and the proxy. The platform imports no defense, so this process does not load numba.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -20,11 +21,16 @@ from stealguard.modelserver.handler import Models
 from stealguard.modelserver.metrics import Recorder
 from stealguard.modelserver.servicer import InferenceServicer
 from stealguard.modelserver.store import ensure_default_models, read_store
-from stealguard.server import metrics
-from stealguard.server.lenient import add_lenient
-from stealguard.server.server import GrpcApp
+from stealguard.server.limits import TokenBucket
+from stealguard.server.platform import lifecycle
+from stealguard.server.platform import metrics as platform_metrics
+from stealguard.server.platform.app import GrpcApp
+from stealguard.server.platform.lenient import add_lenient
 
 log = logging.getLogger("stealguard.modelserver")
+
+WARMING_UP = "the model server is warming up its models; retry shortly"
+DRAINING = "the model server is draining; retry on another instance"
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceAPIsService"].full_name
 
@@ -41,25 +47,10 @@ def prepare_store(config: ServerConfig) -> dict:
 
 
 def serve_metrics(config: ServerConfig) -> int:
-    """Start /metrics; the port it serves on, 0 for none.
-
-    A port that was asked for must be free (OSError otherwise); the default one is
-    skipped with a warning when taken, so several model servers on one host all start.
-    """
-    port = DEFAULT_METRICS_PORT if config.metrics_port is None else config.metrics_port
-    if port == 0:
-        return 0
-    try:
-        metrics.serve(port)
-    except OSError as error:
-        if config.metrics_port is not None:
-            raise OSError(f"--metrics-port {port}: cannot serve metrics: {error.strerror}") \
-                from None
-        log.warning("metrics off: default port %d is taken (%s); pass --metrics-port",
-                    port, error.strerror)
-        return 0
-    log.info("metrics on :%d/metrics", port)
-    return port
+    """Start /metrics (the platform's endpoint); the port it serves on, 0 for none. The
+    default port is skipped with a warning when taken; one asked for must be free."""
+    return platform_metrics.serve_metrics(config.metrics_port, log,
+                                          default=DEFAULT_METRICS_PORT)
 
 
 def sidecar_client(config: ServerConfig) -> AsyncDefenseClient:
@@ -72,35 +63,56 @@ def sidecar_client(config: ServerConfig) -> AsyncDefenseClient:
                               stream=config.sidecar_transport == "stream")
 
 
+class ModelServer(lifecycle.Service):
+    """The model server's lifecycle hooks: a first forward pass per model before SERVING."""
+
+    def __init__(self, models: Models, sidecar: AsyncDefenseClient):
+        self.models = models
+        self.sidecar = sidecar
+
+    def warm_up(self) -> str:
+        started = time.perf_counter()
+        self.models.warm_up()
+        return f"ready: models warm in {time.perf_counter() - started:.2f}s"
+
+    async def serving(self, app: GrpcApp) -> None:
+        self.models.core.open()
+        await app.set_serving(True)
+
+    def drain(self) -> None:
+        self.models.core.refuse(DRAINING)
+
+    async def close(self) -> None:
+        await self.sidecar.close()
+
+
 async def run_modelserver(config: ServerConfig) -> None:
     """Serve the store's models until SIGTERM/SIGINT, then drain."""
     torch.set_num_threads(config.torch_threads)
     config = dataclasses.replace(config, metrics_port=serve_metrics(config))
     specs = prepare_store(config)
-    recorder = Recorder(enabled=config.metrics_port > 0, models=specs)
+    recorder = Recorder(enabled=config.metrics_port > 0, models=specs,
+                        protected=[name for name, spec in specs.items() if spec.protected])
+    limiter = TokenBucket(config.rate_limit, config.rate_burst) if config.rate_limit else None
     sidecar = sidecar_client(config)
     # one inference thread: each forward pass already uses torch_threads cores
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference") as executor:
         models = Models(specs, sidecar, executor, config.max_batch, recorder)
-        models.warm_up()
-        app = GrpcApp.from_config(config, [INFERENCE_SERVICE], logger=log)
+        models.core.limiter = limiter
+        models.core.observers = [recorder] if recorder.enabled else []
+        models.core.refuse(WARMING_UP)
+        app = GrpcApp.from_settings(config, [INFERENCE_SERVICE], logger=log)
         add_lenient(inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server,
-                    InferenceServicer(models, recorder), app.server)
-        port = await app.start()
-        # torch, the models and grpc live as long as the process: keep their objects out
-        # of every later garbage collection pass (as the sidecar does)
-        gc.collect()
-        gc.freeze()
-        await app.set_serving(True)
-        host = config.listen.rsplit(":", 1)[0]
-        log.info("listening on %s:%d (pid %d)%s%s, sidecar %s (%s)%s%s, models: %s", host,
-                 port, os.getpid(), " with TLS" if config.tls_cert else "",
-                 " and client certificates" if config.tls_ca else "", config.sidecar,
-                 config.sidecar_transport,
-                 " over TLS" if config.sidecar_tls_ca or config.sidecar_tls_cert else "",
-                 " with a token" if config.sidecar_token_file else "",
-                 ", ".join(sorted(specs)))
-        try:
-            await app.wait_and_drain()
-        finally:
-            await sidecar.close()
+                    InferenceServicer(models, recorder, app.identity), app.server)
+
+        def describe(port: int) -> str:
+            host = config.listen.rsplit(":", 1)[0]
+            return (f"listening on {host}:{port} (pid {os.getpid()})"
+                    f"{' with TLS' if config.tls_cert else ''}"
+                    f"{' and client certificates' if config.tls_ca else ''}, sidecar "
+                    f"{config.sidecar} ({config.sidecar_transport})"
+                    f"{' over TLS' if config.sidecar_tls_ca or config.sidecar_tls_cert else ''}"
+                    f"{' with a token' if config.sidecar_token_file else ''}, models: "
+                    f"{', '.join(sorted(specs))}")
+
+        await lifecycle.run(app, ModelServer(models, sidecar), describe)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 from stealguard.modelserver.training import Recipe, trained_model
+from stealguard.server.errors import NotFound
 
 NO_POLICY = "none"
 DEFAULT_VERSION = "1.0"
@@ -35,7 +36,7 @@ class ManifestError(ValueError):
     """A manifest in the model store is unusable; the message names the file and field."""
 
 
-class UnknownModel(LookupError):
+class UnknownModel(NotFound, LookupError):
     """No model (or no such version of it) in the store."""
 
 

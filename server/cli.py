@@ -86,7 +86,7 @@ def configure_logging(level: str, json_logs: bool = False) -> None:
 def check_before_fork(config, build_policies) -> None:
     """Fail before any worker exists: policies (built with `build_policies(specs, secret)`),
     certificates and tokens must all be readable and valid (ConfigError otherwise)."""
-    from stealguard.server.security import Tokens, server_credentials
+    from stealguard.server.platform.credentials import Tokens, server_credentials
 
     build_policies(config.policies, config.secret_bytes())
     server_credentials(config)
@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         config.ensure_secret()
         configure_logging(config.log_level, config.json_logs)
         # Imported here: numba and grpc load only once the arguments are known to be good.
+        from stealguard.server.platform.lifecycle import serve_workers
         from stealguard.server.policies import PolicySet
-        from stealguard.server.server import run_sidecar, serve_workers
+        from stealguard.server.sidecar import run_sidecar
 
         check_before_fork(config, PolicySet.from_config)
 

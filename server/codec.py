@@ -8,6 +8,7 @@ is a `CodecError` whose message says which field is wrong and how to fix it.
 from __future__ import annotations
 
 import numpy as np
+from stealguard.server.errors import Exhausted, InvalidInput
 from stealguard.v1 import defense_pb2
 
 _DTYPES = {
@@ -16,11 +17,11 @@ _DTYPES = {
 }
 
 
-class CodecError(ValueError):
+class CodecError(InvalidInput, ValueError):
     """A `Tensor` message that cannot be read as a probability array."""
 
 
-class RowLimitError(CodecError):
+class RowLimitError(Exhausted, CodecError):
     """More rows than the server accepts in one request (RESOURCE_EXHAUSTED, not invalid)."""
 
 

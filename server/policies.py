@@ -1,7 +1,8 @@
 """Policies: which defense, with which parameters, protects which model.
 
 A request's `model` picks the policy of that name; a model without one gets the
-`default` policy; with no `default`, the model is unknown (`UnknownModel`).
+`default` policy; with no `default`, the model is unknown (`UnknownModel`, a `NotFound`).
+A `Policy` is what the protect core (`stealguard.server.core`) perturbs with in process.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 from stealguard.server.config import ConfigError
 from stealguard.server.defenses import make_defense
+from stealguard.server.errors import InvalidInput, NotFound
 
 DEFAULT = "default"
 # Policy keys that configure the proxy, not the defense: one YAML serves the sidecar and
@@ -20,13 +22,13 @@ DEFAULT = "default"
 PROXY_KEYS = ("on_unrecognized", "outputs")
 
 
-class UnknownModel(LookupError):
+class UnknownModel(NotFound, LookupError):
     """No policy is named after the model and there is no default policy."""
 
 
 @dataclass(frozen=True)
 class Policy:
-    """A named defense. `apply` validates and perturbs one batch of rows."""
+    """A named defense. `perturb` validates and perturbs one batch of rows."""
 
     name: str
     defense: Any  # a stealguard.server.defenses Defense (callable, and perturb_flat)
@@ -39,14 +41,16 @@ class Policy:
     def params(self) -> dict[str, float]:
         return dict(self.defense.params)
 
-    def apply(self, probabilities: np.ndarray, logits: bool = False) -> np.ndarray:
-        """Validate `probabilities` and return the protected copy (ValueError names the row)."""
-        return self.defense(probabilities, logits=logits)
-
-    def apply_flat(self, values: np.ndarray, rows: int, classes: int,
-                   logits: bool = False) -> np.ndarray:
-        """`apply` for `rows` x `classes` values stored flat (the codec's view of a request)."""
-        return self.defense.perturb_flat(values, rows, classes, logits=logits)
+    def perturb(self, rows: np.ndarray, logits: bool = False) -> np.ndarray:
+        """The protect core's step: the protected copy of 2-D `rows`, by the flat kernel
+        path when the rows allow it. The defenses' `ValueError` (their documented way of
+        saying a row is not valid) becomes `InvalidInput`; nothing else is caught."""
+        n, k = rows.shape
+        try:
+            return self.defense.perturb_flat(rows.reshape(-1), n, k, logits=logits
+                                             ).reshape(n, k)
+        except ValueError as error:
+            raise InvalidInput(str(error)) from None
 
 
 class PolicySet:

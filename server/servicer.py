@@ -1,7 +1,10 @@
-"""The `stealguard.v1.Defense` servicer: decode, pick the policy, perturb, encode.
+"""The `stealguard.v1.Defense` servicer: a thin converter around the protect core.
 
-Methods only wire the codec, the policies and the defenses together; errors become
-gRPC status codes in one place (`status_of`).
+Each RPC decodes the `Tensor` (`stealguard.server.codec`), names the caller
+(`Identity`), calls `ProtectCore.protect`, and encodes the answer; errors become gRPC
+status codes in `stealguard.server.platform.status`. The servicer keeps only what is
+gRPC's: calls in flight, the streams waiting for their next message (ended at once by a
+drain), and calls by method and status code when metrics are on.
 """
 
 from __future__ import annotations
@@ -11,70 +14,56 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from google.rpc import status_pb2
 from stealguard.server import metrics
-from stealguard.server.codec import CodecError, RowLimitError, tensor_to_flat, write_tensor
-from stealguard.server.interceptors import CLIENT
-from stealguard.server.policies import PolicySet, UnknownModel
+from stealguard.server.codec import tensor_to_flat, write_tensor
+from stealguard.server.core import ANONYMOUS, ProtectCore
+from stealguard.server.errors import Unavailable
+from stealguard.server.platform.identity import Identity
+from stealguard.server.platform.status import grpc_status, status_message
 from stealguard.v1 import defense_pb2, defense_pb2_grpc
 
 log = logging.getLogger("stealguard.sidecar")
 
-
-class NotServing(RuntimeError):
-    """The sidecar is warming up or draining."""
-
-
-def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status code and message a caller gets for `error`."""
-    if isinstance(error, NotServing):
-        return grpc.StatusCode.UNAVAILABLE, str(error)
-    if isinstance(error, RowLimitError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
-    if isinstance(error, UnknownModel):
-        return grpc.StatusCode.NOT_FOUND, str(error)
-    if isinstance(error, (CodecError, ValueError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    log.exception("internal error while perturbing", exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+WARMING_UP = "the sidecar is warming up its kernels; retry shortly"
+DRAINING = "the sidecar is draining; retry on another instance"
 
 
 class DefenseServicer(defense_pb2_grpc.DefenseServicer):
-    """Serves Perturb, PerturbStream and ListPolicies from a swappable `PolicySet`."""
+    """Serves Perturb, PerturbStream and ListPolicies over a `ProtectCore`."""
 
-    def __init__(self, policies: PolicySet, *, max_rows: int | None = None,
+    def __init__(self, core: ProtectCore, identity: Identity | None = None, *,
                  with_metrics: bool = False):
-        self.policies = policies  # replaced whole on reload; read once per request
-        self.max_rows = max_rows
+        self.core = core
+        self.identity = identity or Identity()
         self.with_metrics = with_metrics
         self.in_flight = 0  # handlers running now (what a drain waits for)
-        self.not_serving: str | None = "the sidecar is warming up its kernels; retry shortly"
         self._idle_streams: set[asyncio.Task] = set()  # streams waiting for a message
 
     def end_idle_streams(self) -> int:
-        """On drain: end every stream that waits for its next message with UNAVAILABLE
-        (`not_serving`), so that a client's long-lived stream does not hold the drain
-        for the whole grace period. Returns how many were ended."""
+        """On drain: end every stream that waits for its next message with UNAVAILABLE,
+        so that a client's long-lived stream does not hold the drain for the whole grace
+        period. Returns how many were ended."""
         tasks = list(self._idle_streams)
         for task in tasks:
             task.cancel()
         return len(tasks)
 
-    def perturb(self, request: defense_pb2.PerturbRequest) -> defense_pb2.PerturbResponse:
-        """Protect one request's probabilities (raises the errors `status_of` maps)."""
-        if self.not_serving:
-            raise NotServing(self.not_serving)
-        policy = self.policies.resolve(request.model)
+    async def perturb(self, request: defense_pb2.PerturbRequest,
+                      principal: str) -> defense_pb2.PerturbResponse:
+        """Protect one request's probabilities (raises domain errors)."""
+        if self.core.unavailable is not None:  # before decoding: nothing to do while so
+            raise Unavailable(self.core.unavailable)
         tensor = request.probabilities
-        values, rows, classes = tensor_to_flat(tensor, max_rows=self.max_rows)
-        protected = policy.apply_flat(values, rows, classes, logits=request.logits)
-        if self.with_metrics:
-            metrics.observe_rows(policy.name, CLIENT.get(), values.reshape(rows, classes),
-                                 protected.reshape(rows, classes), logits=request.logits)
-        response = defense_pb2.PerturbResponse(policy=policy.name,
+        values, rows, classes = tensor_to_flat(tensor)
+        answer = await self.core.protect(values.reshape(rows, classes), request.model,
+                                         principal, logits=request.logits)
+        response = defense_pb2.PerturbResponse(policy=answer.policy,
                                                request_id=request.request_id)
-        write_tensor(response.probabilities, protected, tensor.shape)
+        write_tensor(response.probabilities, answer.rows.reshape(-1), tensor.shape)
         return response
+
+    def _principal(self, context) -> str:
+        return self.identity.of(context) if self.core.needs_principal else ANONYMOUS
 
     def _count(self, method: str, policy: str, code: grpc.StatusCode) -> None:
         if self.with_metrics:
@@ -83,11 +72,12 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
     async def Perturb(self, request, context):
         self.in_flight += 1
         try:
-            response = self.perturb(request)
+            response = await self.perturb(request, self._principal(context))
         except Exception as error:  # noqa: BLE001 - every error becomes a status
-            code, message = status_of(error)
-            self._count("Perturb", "-", code)
-            await context.abort(code, message)
+            status = grpc_status(error)
+            self._count("Perturb", "-", status.code)
+            await context.abort(status.code, status.message,
+                                trailing_metadata=tuple(status.trailing))
         finally:
             self.in_flight -= 1
         if self.with_metrics:
@@ -102,35 +92,35 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
         stream goes on. A drain ends the stream, at once if it waits for its next message."""
         task = asyncio.current_task()
         requests = request_iterator.__aiter__()
+        principal = self._principal(context)
         index = 0
         self.in_flight += 1
         try:
             while True:
-                if self.not_serving:  # draining began while this stream was busy
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, self.not_serving)
+                if self.core.unavailable is not None:  # draining began while it was busy
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, self.core.unavailable)
                 self._idle_streams.add(task)
                 try:
                     request = await requests.__anext__()
                 except StopAsyncIteration:
                     return
                 except asyncio.CancelledError:
-                    if self.not_serving is None:
+                    if self.core.unavailable is None:
                         raise
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, self.not_serving)
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, self.core.unavailable)
                 finally:
                     self._idle_streams.discard(task)
                 try:
-                    response = self.perturb(request)
+                    response = await self.perturb(request, principal)
                 except Exception as error:  # noqa: BLE001
-                    code, message = status_of(error)
-                    self._count("PerturbStream", "-", code)
-                    message = f"stream message {index}: {message}"
-                    if code is grpc.StatusCode.UNAVAILABLE or not getattr(
+                    status = grpc_status(error, prefix=f"stream message {index}: ")
+                    self._count("PerturbStream", "-", status.code)
+                    if status.code is grpc.StatusCode.UNAVAILABLE or not getattr(
                             request, "keep_stream_on_error", False):
-                        await context.abort(code, message)
+                        await context.abort(status.code, status.message,
+                                            trailing_metadata=tuple(status.trailing))
                     response = defense_pb2.PerturbResponse(
-                        request_id=request.request_id,
-                        error=status_pb2.Status(code=code.value[0], message=message))
+                        request_id=request.request_id, error=status_message(status))
                 else:
                     self._count("PerturbStream", response.policy, grpc.StatusCode.OK)
                 yield response
@@ -142,6 +132,6 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
         return defense_pb2.ListPoliciesResponse(
             policies=[
                 defense_pb2.Policy(name=p.name, defense=p.defense_name, params=p.params)
-                for p in self.policies
+                for p in self.core.policies
             ]
         )

@@ -283,7 +283,7 @@ def test_sighup_swaps_policies_under_load_with_zero_errors(tmp_path):
 def test_callers_cannot_add_per_client_series_without_end():
     """Without tokens a client names itself (x-client-id): past MAX_CLIENT_SERIES names,
     new ones share one series, so /metrics and memory stay bounded."""
-    from stealguard.server.metrics import MAX_CLIENT_SERIES, OTHER_CLIENTS
+    from stealguard.server.platform.metrics import MAX_CLIENT_SERIES, OTHER_CLIENTS
 
     metrics_port = free_port()
     process, address = start_sidecar("--metrics-port", str(metrics_port))

@@ -10,7 +10,7 @@ import pytest
 from _modelserver_helpers import npy_bytes, png_bytes
 from _procs import script
 from PIL import Image
-from stealguard.modelserver.inputs import InputError, decode_input
+from stealguard.client.inputs import InputError, decode_input
 from stealguard.modelserver.store import ManifestError, read_manifest, read_store
 
 SHAPE = (1, 28, 28)

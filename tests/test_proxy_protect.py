@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import numpy as np
 import pytest
 from stealguard.compat.kserve import grpc_predict_v2_pb2 as v2
 from stealguard.server.config import ConfigError
+from stealguard.server.core import ProtectCore
 from stealguard.server.defenses import make_defense
+from stealguard.server.errors import Exhausted
+from stealguard.server.metrics import MetricsObserver
+from stealguard.server.platform.metrics import REGISTRY
+from stealguard.server.proxy import predictions, tensors
 from stealguard.server.proxy.errors import Unrecognized
 from stealguard.server.proxy.options import ProxyPolicies
-from stealguard.server.proxy.predictions import protect_prediction
-from stealguard.server.proxy.tensors import protect_outputs
 
 SECRET = b"test-secret"
 POLICIES = ProxyPolicies.from_config(
@@ -25,8 +29,23 @@ POLICIES = ProxyPolicies.from_config(
     SECRET,
 )
 DEFENSE = make_defense("reverse_sigmoid", beta=1.5, gamma=0.3, preserve_top1=True)
+CORE = ProtectCore(POLICIES.policies)
 ROW = [0.61, 0.2, 0.1, 0.05, 0.04]
 BATCH = [ROW, [0.05, 0.05, 0.7, 0.1, 0.1]]
+
+
+def perturber(policy, core=CORE, principal="tester"):
+    async def perturb(rows):
+        return (await core.protect(rows, policy.name, principal)).rows
+    return perturb
+
+
+def protect_prediction(raw, policy, model, core=CORE):
+    return asyncio.run(predictions.protect_prediction(raw, policy, model, perturber(policy, core)))
+
+
+def protect_outputs(response, policy, model, core=CORE):
+    asyncio.run(tensors.protect_outputs(response, policy, model, perturber(policy, core)))
 
 
 def protect(value, model="m"):
@@ -160,3 +179,45 @@ def test_proxy_keys_never_reach_the_defense_and_bad_values_name_the_policy():
         ProxyPolicies.from_config({"x": {"defense": "none", "on_unrecognized": "drop"}}, SECRET)
     with pytest.raises(ConfigError, match="policy 'x': outputs must be a non-empty list"):
         ProxyPolicies.from_config({"x": {"defense": "none", "outputs": []}}, SECRET)
+
+
+def test_list_of_top_k_dicts_of_one_width_is_one_query_of_all_its_rows():
+    calls = []
+
+    async def perturb(rows):
+        calls.append(rows.shape)
+        return (await CORE.protect(rows, "default")).rows
+
+    raw = json.dumps([{"a": 0.6, "b": 0.3}, {"c": 0.5, "d": 0.25}, {"e": 0.9}]).encode()
+    asyncio.run(predictions.protect_prediction(raw, POLICIES.resolve("m"), "m", perturb))
+    assert sorted(calls) == [(1, 2), (2, 3)]
+
+
+def test_max_rows_applies_to_a_proxied_answer():
+    small = ProtectCore(POLICIES.policies, max_rows=1)
+    with pytest.raises(Exhausted, match="2 rows: at most 1 per request"):
+        protect_prediction(json.dumps(BATCH).encode(), POLICIES.resolve("m"), "m", core=small)
+    response, _ = infer_response()
+    with pytest.raises(Exhausted, match="2 rows: at most 1 per request"):
+        protect_outputs(response, POLICIES.resolve("m"), "m", core=small)
+
+
+def test_proxied_answer_is_counted_in_the_per_client_row_and_distortion_metrics():
+    core = ProtectCore(POLICIES.policies, observers=[MetricsObserver()])
+
+    def sample(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = {"rows": sample("stealguard_rows_total", policy="default"),
+              "client": sample("stealguard_client_rows_total", client="proxied-client"),
+              "queries": sample("stealguard_client_queries_total", client="proxied-client"),
+              "l1": sample("stealguard_l1_distortion_total", policy="default")}
+    got = json.loads(asyncio.run(predictions.protect_prediction(
+        json.dumps(BATCH).encode(), POLICIES.resolve("m"), "m",
+        perturber(POLICIES.resolve("m"), core, principal="proxied-client"))))
+    assert sample("stealguard_rows_total", policy="default") - before["rows"] == 2
+    assert sample("stealguard_client_rows_total", client="proxied-client") - before["client"] == 2
+    assert sample("stealguard_client_queries_total",
+                  client="proxied-client") - before["queries"] == 1
+    np.testing.assert_allclose(sample("stealguard_l1_distortion_total", policy="default")
+                               - before["l1"], np.abs(np.array(got) - BATCH).sum(), rtol=1e-9)

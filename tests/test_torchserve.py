@@ -191,7 +191,7 @@ def test_torchserve_answer_is_the_sidecars_perturbation_of_the_raw_output(
 
 
 def test_torchserve_png_input_is_protected_too(torchserve, raw_model, sidecar):
-    from stealguard.modelserver.inputs import decode_input
+    from stealguard.client.inputs import decode_input
 
     data = png_bytes(mnist_test_images(1)[0])
     client = TorchServeClient(torchserve)

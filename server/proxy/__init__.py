@@ -8,6 +8,6 @@ the address they call; the model server does not change at all.
 
 Modules: `options` (proxy keys of a policy), `predictions` (TorchServe JSON),
 `tensors` (v2 output tensors), `upstream` (the channel to the real server),
-`errors` (every failure as one gRPC status), `base`, `torchserve` and `v2` (the servicers),
+`errors` (the proxy's domain errors), `base`, `torchserve` and `v2` (the servicers),
 `app` (assembly and upstream health), `cli` (the `proxy` subcommand).
 """

@@ -1,4 +1,5 @@
-"""Assemble and run the proxy: one `GrpcApp`, one upstream channel, one health watcher.
+"""Assemble and run the proxy: one protect core, one `GrpcApp`, one upstream channel, one
+health watcher, on the platform's lifecycle.
 
 Health (grpc.health.v1, service "" and the proxied service's name) is SERVING only while
 the kernels are warm and the upstream reports itself ready (TorchServe `Ping`, v2
@@ -14,71 +15,94 @@ from collections.abc import Callable
 
 from stealguard.server.config import Config
 from stealguard.server.defenses import warm_up
+from stealguard.server.platform import lifecycle
+from stealguard.server.platform.app import GrpcApp
+from stealguard.server.platform.metrics import serve_metrics
+from stealguard.server.proxy.base import DRAINING, WARMING_UP, ProxyServicer
 from stealguard.server.proxy.errors import UpstreamError
 from stealguard.server.proxy.options import ProxyPolicies
 from stealguard.server.proxy.torchserve import TorchServeProxy
 from stealguard.server.proxy.upstream import Upstream, upstream_credentials
 from stealguard.server.proxy.v2 import V2Proxy
-from stealguard.server.server import GrpcApp
+from stealguard.server.sidecar import protect_core
 
 log = logging.getLogger("stealguard.proxy")
 
 PROTOCOLS = {"torchserve": TorchServeProxy, "v2": V2Proxy}
 
 
+class Proxy(lifecycle.Service):
+    """The proxy's lifecycle hooks: warm the kernels, then let the upstream decide health."""
+
+    def __init__(self, config: Config, proxy: ProxyServicer, upstream: Upstream,
+                 health_interval: float, reload: Callable[[], Config] | None):
+        self.config = config
+        self.proxy = proxy
+        self.upstream = upstream
+        self.health_interval = health_interval
+        self._reload = reload
+        self.reloadable = reload is not None
+        self.watcher: asyncio.Task | None = None
+
+    def warm_up(self) -> str:
+        return f"kernels warm in {warm_up():.2f}s"
+
+    async def serving(self, app: GrpcApp) -> None:
+        self.proxy.core.open()
+        self.watcher = asyncio.create_task(
+            watch_upstream(app, self.proxy, self.health_interval))
+
+    def drain(self) -> None:
+        self.proxy.core.refuse(DRAINING)
+        if self.watcher is not None:
+            self.watcher.cancel()
+
+    def reload(self) -> str:
+        self.proxy.policies = ProxyPolicies.from_config(self._reload().policies,
+                                                        self.config.secret_bytes())
+        return _names(self.proxy.policies)
+
+    async def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+        await self.upstream.close()
+
+
 async def run_proxy(config: Config, *, reuse_port: bool = False, health_interval: float = 1.0,
                     reload: Callable[[], Config] | None = None) -> None:
     """Serve `config.protocol` on `config.listen` in front of `config.upstream` until a signal.
 
-    TLS, tokens, limits and metrics are the sidecar's (`GrpcApp.from_config`). SIGHUP calls
-    `reload` and swaps in the new policies between calls; a bad config keeps the old ones.
+    TLS, tokens, limits and metrics are the sidecar's (`GrpcApp.from_settings`,
+    `protect_core`). SIGHUP calls `reload` and swaps in the new policies between calls; a
+    bad config keeps the old ones.
     """
     policies = ProxyPolicies.from_config(config.policies, config.secret_bytes())
     credentials = upstream_credentials(config.upstream_tls_ca, config.upstream_tls_cert,
                                        config.upstream_tls_key)
     upstream = Upstream(config.upstream, max_message_bytes=config.max_message_bytes,
                         credentials=credentials)
-    proxy = PROTOCOLS[config.protocol](upstream, policies)
-    app = GrpcApp.from_config(config, [proxy.service], reuse_port=reuse_port)
+    core = protect_core(config, policies.policies)
+    core.refuse(WARMING_UP)
+    app = GrpcApp.from_settings(config, [PROTOCOLS[config.protocol].service],
+                                reuse_port=reuse_port, logger=log)
+    proxy = PROTOCOLS[config.protocol](upstream, policies, core, app.identity)
     proxy.add_to(app.server)
-    watcher: asyncio.Task | None = None
 
-    def refuse() -> None:
-        proxy.not_serving = "the proxy is draining; retry on another instance"
-        if watcher is not None:
-            watcher.cancel()
+    def describe(port: int) -> str:
+        host = config.listen.rsplit(":", 1)[0]
+        return (f"proxy ({config.protocol}) listening on {host}:{port} (pid {os.getpid()})"
+                f"{' with TLS' if app.credentials else ''} for upstream {config.upstream}"
+                f"{' over TLS' if credentials else ''}, policies: {_names(policies)}")
 
-    def swap_policies() -> str:
-        proxy.policies = ProxyPolicies.from_config(reload().policies, config.secret_bytes())
-        return _names(proxy.policies)
-
-    app.on_drain.append(refuse)
-    port = await app.start()
-    if reload is not None:
-        app.reload_on_sighup(swap_policies)
-    app.serve_metrics(config.metrics_port)
-    host = config.listen.rsplit(":", 1)[0]
-    log.info("proxy (%s) listening on %s:%d (pid %d)%s for upstream %s%s, policies: %s",
-             config.protocol, host, port, os.getpid(), " with TLS" if app.credentials else "",
-             config.upstream, " over TLS" if credentials else "", _names(policies))
-    seconds = await app.unless_stopped(warm_up)
-    if seconds is not None:  # None: a stop signal came during the warm-up
-        log.info("kernels warm in %.2fs", seconds)
-        proxy.not_serving = None
-        watcher = asyncio.create_task(watch_upstream(app, proxy, health_interval))
-    try:
-        await app.wait_and_drain()
-    finally:
-        if watcher is not None:
-            watcher.cancel()
-        await upstream.close()
+    serve_metrics(config.metrics_port, log)
+    await lifecycle.run(app, Proxy(config, proxy, upstream, health_interval, reload), describe)
 
 
 def _names(policies: ProxyPolicies) -> str:
     return ", ".join(f"{p.name}={p.policy.defense_name}" for p in policies)
 
 
-async def watch_upstream(app: GrpcApp, proxy, interval: float) -> None:
+async def watch_upstream(app: GrpcApp, proxy: ProxyServicer, interval: float) -> None:
     """Poll the upstream's readiness forever; report each change through health."""
     serving = None
     while True:

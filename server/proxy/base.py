@@ -1,29 +1,62 @@
-"""What both proxied APIs share: the upstream stub, the policies, and the serving state."""
+"""What both proxied APIs share: the upstream stub, the protect core and the policies.
+
+The proxy is a front end of the protect core like the `Defense` servicer: it resolves the
+policy before a call goes upstream (so an unknown model costs the upstream nothing), reads
+the probabilities out of the upstream's answer, has the core protect them for the calling
+principal (limits, metrics and metering included), and writes them back.
+"""
 
 from __future__ import annotations
 
+import numpy as np
+from stealguard.server.core import ANONYMOUS, ProtectCore
+from stealguard.server.platform.identity import Identity
 from stealguard.server.proxy.options import ProxyPolicies, ProxyPolicy
 from stealguard.server.proxy.upstream import Upstream
-from stealguard.server.servicer import NotServing
+
+WARMING_UP = "the proxy is warming up its kernels; retry shortly"
+DRAINING = "the proxy is draining; retry on another instance"
 
 
 class ProxyServicer:
-    """Base of the protocol servicers; `not_serving` holds why calls are refused, if so."""
+    """Base of the protocol servicers."""
 
     service: str  # full name of the proxied gRPC service (health and reflection)
     stub_class: type
 
-    def __init__(self, upstream: Upstream, policies: ProxyPolicies):
+    def __init__(self, upstream: Upstream, policies: ProxyPolicies, core: ProtectCore,
+                 identity: Identity | None = None):
         self.upstream = upstream
+        self.core = core
+        self.identity = identity or Identity()
         self.policies = policies
         self.stub = self.stub_class(upstream.channel)
-        self.not_serving: str | None = "the proxy is warming up its kernels; retry shortly"
+
+    @property
+    def policies(self) -> ProxyPolicies:
+        return self._policies
+
+    @policies.setter
+    def policies(self, policies: ProxyPolicies) -> None:
+        """Swap the proxy options and the core's policies together (SIGHUP)."""
+        self._policies = policies
+        self.core.policies = policies.policies
 
     def policy(self, model: str) -> ProxyPolicy:
-        """The policy of `model`; `NotServing` while warming or draining, or `UnknownModel`."""
-        if self.not_serving:
-            raise NotServing(self.not_serving)
-        return self.policies.resolve(model)
+        """The policy of `model`: `Unavailable` while warming or draining, `NotFound`
+        without one."""
+        self.core.resolve(model)
+        return self._policies.resolve(model)
+
+    def perturber(self, policy: ProxyPolicy, context):
+        """`async perturb(rows) -> rows`: the core's protection of rows read out of an
+        answer, under `policy`, charged to the caller of `context`."""
+        principal = self.identity.of(context) if self.core.needs_principal else ANONYMOUS
+
+        async def perturb(rows: np.ndarray) -> np.ndarray:
+            return (await self.core.protect(rows, policy.name, principal)).rows
+
+        return perturb
 
     async def upstream_ready(self, timeout: float) -> bool:
         """Whether the upstream reports itself ready (raises `UpstreamError` if unreachable)."""

@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(config.log_level, config.json_logs)
         # Imported here: numba and grpc load only once the arguments are known to be good.
         from stealguard.server.cli import check_before_fork
+        from stealguard.server.platform.lifecycle import serve_workers
         from stealguard.server.proxy.app import run_proxy
         from stealguard.server.proxy.options import ProxyPolicies
-        from stealguard.server.server import serve_workers
 
         check_before_fork(config, ProxyPolicies.from_config)
 

@@ -13,8 +13,10 @@ import math
 
 import numpy as np
 from stealguard.compat.kserve import grpc_predict_v2_pb2 as v2
+from stealguard.server.errors import InvalidInput
 from stealguard.server.proxy.errors import Unrecognized
 from stealguard.server.proxy.options import ProxyPolicy
+from stealguard.server.proxy.predictions import Perturb
 
 # datatype -> (field of InferTensorContents, little-endian dtype of raw contents)
 _FLOATS = {
@@ -27,8 +29,10 @@ class _NotProbabilities(ValueError):
     """Why one output cannot be protected (becomes `Unrecognized`, or passes)."""
 
 
-def protect_outputs(response: v2.ModelInferResponse, policy: ProxyPolicy, model: str) -> None:
-    """Protect, in `response` itself, every output that `policy.outputs` names.
+async def protect_outputs(response: v2.ModelInferResponse, policy: ProxyPolicy, model: str,
+                          perturb: Perturb) -> None:
+    """Protect, in `response` itself, every output that `policy.outputs` names, each with
+    one `perturb` call (the protect core).
 
     A named output that cannot be protected (wrong datatype, bad shape, values that are not
     probabilities), or an answer with no named output at all, raises `Unrecognized` under
@@ -51,7 +55,8 @@ def protect_outputs(response: v2.ModelInferResponse, policy: ProxyPolicy, model:
     protected = {}  # computed for all before any is written back
     for index in named:
         try:
-            protected[index] = _protect_one(outputs[index], raw[index] if raw else None, policy)
+            protected[index] = await _protect_one(outputs[index], raw[index] if raw else None,
+                                                  perturb)
         except _NotProbabilities as reason:
             _unrecognized(policy, model, f"output {outputs[index].name!r}: {reason}")
     for index, array in protected.items():
@@ -68,8 +73,8 @@ def _unrecognized(policy: ProxyPolicy, model: str, reason: str) -> None:
         raise Unrecognized(model, policy.name, reason)
 
 
-def _protect_one(
-    output: v2.ModelInferResponse.InferOutputTensor, raw: bytes | None, policy: ProxyPolicy
+async def _protect_one(
+    output: v2.ModelInferResponse.InferOutputTensor, raw: bytes | None, perturb: Perturb
 ) -> np.ndarray:
     """The protected values of one output, as a 2-D array of its own little-endian dtype."""
     kind = _FLOATS.get(output.datatype)
@@ -102,6 +107,6 @@ def _protect_one(
         return values
     rows = values.reshape(-1, shape[-1])
     try:
-        return policy.policy.apply(rows).astype(dtype, copy=False)
-    except ValueError as error:  # the defenses' validation: not probabilities
+        return (await perturb(rows)).astype(dtype, copy=False)
+    except InvalidInput as error:  # the defenses' validation: not probabilities
         raise _NotProbabilities(f"not probabilities: {error}") from None

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 
 from google.protobuf import empty_pb2
 from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc
-from stealguard.server.lenient import add_lenient
-from stealguard.server.proxy import errors
+from stealguard.server.platform import status
+from stealguard.server.platform.lenient import add_lenient
 from stealguard.server.proxy.base import ProxyServicer
 from stealguard.server.proxy.options import ProxyPolicy
 from stealguard.server.proxy.predictions import protect_prediction
@@ -36,30 +36,31 @@ class TorchServeProxy(ProxyServicer, inference_pb2_grpc.InferenceAPIsServiceServ
         reply = await self.upstream.probe(self.stub.Ping, empty_pb2.Empty(), timeout)
         return "unhealthy" not in reply.health.lower()
 
-    def _protect(self, response: inference_pb2.PredictionResponse, policy: ProxyPolicy,
-                 model: str) -> inference_pb2.PredictionResponse:
+    async def _protect(self, response: inference_pb2.PredictionResponse, policy: ProxyPolicy,
+                       model: str, context) -> inference_pb2.PredictionResponse:
         if response.prediction:  # an empty one (e.g. a reply with only a status) holds nothing
-            response.prediction = protect_prediction(response.prediction, policy, model)
+            response.prediction = await protect_prediction(
+                response.prediction, policy, model, self.perturber(policy, context))
         return response
 
-    @errors.unary
+    @status.unary
     async def Ping(self, request, context):
         return await self.upstream.unary(self.stub.Ping, request, context)
 
-    @errors.unary
+    @status.unary
     async def Predictions(self, request, context):
         policy = self.policy(request.model_name)
         response = await self.upstream.unary(self.stub.Predictions, request, context)
-        return self._protect(response, policy, request.model_name)
+        return await self._protect(response, policy, request.model_name, context)
 
-    @errors.streaming
+    @status.streaming
     async def StreamPredictions(self, request, context):
         policy = self.policy(request.model_name)
         async for response in self.upstream.stream(self.stub.StreamPredictions, request,
                                                     context):
-            yield self._protect(response, policy, request.model_name)
+            yield await self._protect(response, policy, request.model_name, context)
 
-    @errors.streaming
+    @status.streaming
     async def StreamPredictions2(self, request_iterator, context):
         models: deque[str] = deque()
         model = ""
@@ -73,4 +74,4 @@ class TorchServeProxy(ProxyServicer, inference_pb2_grpc.InferenceAPIsServiceServ
                                                     context):
             if models:
                 model = models.popleft()
-            yield self._protect(response, self.policy(model), model)
+            yield await self._protect(response, self.policy(model), model, context)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from stealguard.compat.kserve import grpc_predict_v2_pb2 as v2
 from stealguard.compat.kserve import grpc_predict_v2_pb2_grpc as v2_grpc
-from stealguard.server.lenient import add_lenient
-from stealguard.server.proxy import errors
+from stealguard.server.platform import status
+from stealguard.server.platform.lenient import add_lenient
 from stealguard.server.proxy.base import ProxyServicer
 from stealguard.server.proxy.tensors import protect_outputs
 
@@ -32,32 +32,33 @@ class V2Proxy(ProxyServicer, v2_grpc.GRPCInferenceServiceServicer):
                                           timeout)
         return reply.ready
 
-    @errors.unary
+    @status.unary
     async def ServerLive(self, request, context):
         return await self.upstream.unary(self.stub.ServerLive, request, context)
 
-    @errors.unary
+    @status.unary
     async def ServerReady(self, request, context):
         reply = await self.upstream.unary(self.stub.ServerReady, request, context)
-        if self.not_serving:
+        if self.core.unavailable is not None:
             reply.ready = False
         return reply
 
-    @errors.unary
+    @status.unary
     async def ModelReady(self, request, context):
         return await self.upstream.unary(self.stub.ModelReady, request, context)
 
-    @errors.unary
+    @status.unary
     async def ServerMetadata(self, request, context):
         return await self.upstream.unary(self.stub.ServerMetadata, request, context)
 
-    @errors.unary
+    @status.unary
     async def ModelMetadata(self, request, context):
         return await self.upstream.unary(self.stub.ModelMetadata, request, context)
 
-    @errors.unary
+    @status.unary
     async def ModelInfer(self, request, context):
         policy = self.policy(request.model_name)
         response = await self.upstream.unary(self.stub.ModelInfer, request, context)
-        protect_outputs(response, policy, request.model_name)
+        await protect_outputs(response, policy, request.model_name,
+                              self.perturber(policy, context))
         return response

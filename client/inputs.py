@@ -1,7 +1,9 @@
 """Decoding of a request's `data` bytes: a PNG image or a `.npy` array.
 
 The model server and the TorchServe handler share this decoder, so both accept the same
-inputs and reject bad ones with the same messages. It knows only bytes and numpy arrays.
+inputs and reject bad ones with the same messages. It lives in the client package, which
+the model server imports (never the other way round), and knows only bytes and numpy
+arrays.
 
     PNG   one image; any mode is converted to grayscale, a square image of another size is
           resized to the model's (H, W); pixel values 0..255 become [0, 1].
@@ -14,13 +16,14 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from stealguard.server.errors import InvalidInput
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NPY_MAGIC = b"\x93NUMPY"
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger images are refused before they are decoded
 
 
-class InputError(ValueError):
+class InputError(InvalidInput, ValueError):
     """The request's input cannot be used; the message says what was wrong and what fits."""
 
 
