@@ -1,11 +1,10 @@
 """`stealguard-modelserver`: TorchServe's gRPC inference API, protected by the sidecar.
 
 Runs with no arguments: an empty model store gets the default models `mnist` (protected)
-and `mnist-open` (unprotected), trained once and cached. Flags win over environment
-variables (`stealguard.modelserver.config.ENV`: STEALGUARD_MODELSERVER_LISTEN,
-STEALGUARD_SIDECAR, STEALGUARD_SIDECAR_*, STEALGUARD_MODEL_STORE and
-STEALGUARD_MODELSERVER_<FLAG> for the security, limit and metrics flags). A bad flag is one
-line naming it, exit 2.
+and `mnist-open` (unprotected), trained once and cached. Settings: defaults < `--config`
+YAML < environment (STEALGUARD_MODELSERVER_<KEY>, STEALGUARD_SIDECAR*,
+STEALGUARD_MODEL_STORE; `stealguard.modelserver.config`) < flags. A bad value is one line
+naming its flag, key or variable, exit 2.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import sys
 
 from stealguard.modelserver.config import DEFAULT_METRICS_PORT, ServerConfig, config_from
 from stealguard.server.cli import add_server_flags, configure_logging
+from stealguard.server.settings import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve models over TorchServe's gRPC inference API; every protected "
         "model's probabilities pass through the stealguard sidecar before they are returned.",
     )
-    parser.add_argument("--listen", help=f"address to serve on (default {defaults.listen})")
     parser.add_argument("--sidecar",
                         help=f"address of the stealguard sidecar (default {defaults.sidecar})")
     parser.add_argument("--sidecar-timeout", dest="sidecar_timeout",
@@ -48,18 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-store", dest="model_store",
                         help=f"directory of model manifests (default {defaults.model_store}); "
                         "an empty one gets the default models")
-    parser.add_argument("--torch-threads", dest="torch_threads", type=int,
+    parser.add_argument("--torch-threads", dest="torch_threads",
                         help=f"threads per forward pass (default {defaults.torch_threads})")
-    parser.add_argument("--max-batch", dest="max_batch", type=int,
+    parser.add_argument("--max-batch", dest="max_batch",
                         help=f"most samples in one request (default {defaults.max_batch})")
-    parser.add_argument("--metrics-port", dest="metrics_port",
-                        help=f"Prometheus metrics port (default {DEFAULT_METRICS_PORT}, "
-                        "skipped with a warning when taken; 0 disables)")
     parser.add_argument("--prepare", action="store_true",
                         help="create the default models in the store (training once), then exit")
-    parser.add_argument("--log-level", dest="log_level", default="info",
-                        choices=["debug", "info", "warning", "error"], help="default info")
-    add_server_flags(parser)
+    add_server_flags(parser, listen=defaults.listen,
+                     config_env="STEALGUARD_MODELSERVER_CONFIG",
+                     metrics=f"default {DEFAULT_METRICS_PORT}, skipped with a warning when "
+                     "taken; 0 disables")
     return parser
 
 
@@ -82,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from(args)
         check_security(config)
-    except ValueError as error:
+    except (ConfigError, ValueError, OSError) as error:
         parser.exit(2, f"stealguard-modelserver: error: {error}\n")
-    configure_logging(args.log_level, config.json_logs)
+    configure_logging(config.log_level, config.json_logs)
     # Imported here: torch and grpc load only once the flags are known to be good.
     from stealguard.modelserver.server import prepare_store, run_modelserver
     from stealguard.modelserver.store import ManifestError

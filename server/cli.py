@@ -1,7 +1,9 @@
-"""`stealguard-sidecar`: start the sidecar (or, with `proxy`, the proxy).
+"""`stealguard-sidecar`: start the sidecar (or, with `proxy`, the proxy); and what every
+stealguard server command shares: the common flags, logging, and how a command starts.
 
-Configuration comes from `--config FILE` (YAML), `STEALGUARD_*` environment variables and
-flags; flags win. A mistake in any of them is one line naming the flag or key, exit 2.
+Configuration comes from `--config FILE` (YAML), environment variables and flags; flags
+win (`stealguard.server.settings`). A mistake in any of them is one line naming the flag or
+key, exit 2.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 
-from stealguard.server.config import ConfigError, load_config
+from stealguard.server.config import Config, ConfigError, load_config
+
+LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,24 +27,25 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Subcommands: 'stealguard-sidecar proxy --help' for proxy mode, "
         "'stealguard-sidecar usage --help' for each principal's metered rows.",
     )
-    parser.add_argument("--listen", help="address to serve on (default 127.0.0.1:50051)")
-    parser.add_argument("--config", help="YAML config file (also STEALGUARD_CONFIG)")
-    parser.add_argument("--defense", help="defense of the default policy (e.g. reverse_sigmoid)")
-    parser.add_argument("--beta", type=float, help="beta of the default policy")
-    parser.add_argument("--gamma", type=float, help="gamma of the default policy")
-    parser.add_argument("--workers", type=int, help="processes serving one port (default 1)")
-    parser.add_argument("--metrics-port", type=int, dest="metrics_port",
-                        help="Prometheus metrics port (0 disables; default 0)")
-    parser.add_argument("--max-rows", type=int, dest="max_rows",
+    add_server_flags(parser, listen="127.0.0.1:50051", config_env="STEALGUARD_CONFIG")
+    add_policy_flags(parser)
+    parser.add_argument("--max-rows", dest="max_rows",
                         help="most rows in one request (default 65536)")
-    parser.add_argument("--log-level", dest="log_level",
-                        choices=["debug", "info", "warning", "error"], help="default info")
-    add_server_flags(parser)
     return parser
 
 
-def add_server_flags(parser: argparse.ArgumentParser) -> None:
-    """Security, limit and logging flags shared by the sidecar and the proxy."""
+def add_server_flags(parser: argparse.ArgumentParser, *, listen: str, config_env: str,
+                     metrics: str = "default 0: off") -> None:
+    """The flags of `ServerSettings`, the same on every server: listener, config file,
+    logging, metrics, security and limits."""
+    parser.add_argument("--listen", help=f"address to serve on (default {listen})")
+    parser.add_argument("--config", help=f"YAML config file (also {config_env})")
+    parser.add_argument("--log-level", dest="log_level", choices=LOG_LEVELS,
+                        help="default info")
+    parser.add_argument("--json-logs", dest="json_logs", action="store_const", const=True,
+                        help="one JSON object per log line")
+    parser.add_argument("--metrics-port", dest="metrics_port",
+                        help=f"Prometheus metrics port ({metrics})")
     group = parser.add_argument_group("security and limits")
     group.add_argument("--tls-cert", dest="tls_cert", help="server certificate (PEM) for TLS")
     group.add_argument("--tls-key", dest="tls_key", help="server private key (PEM) for TLS")
@@ -47,21 +53,27 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
                        help="CA (PEM) whose client certificates are required: mutual TLS")
     group.add_argument("--token-file", dest="token_file",
                        help="accepted bearer tokens, one 'name:token' per line")
-    group.add_argument("--max-in-flight", type=int, dest="max_in_flight",
+    group.add_argument("--max-in-flight", dest="max_in_flight",
                        help="concurrent calls before RESOURCE_EXHAUSTED (default 1024; 0: none)")
-    group.add_argument("--max-message-bytes", type=int, dest="max_message_bytes",
+    group.add_argument("--max-message-bytes", dest="max_message_bytes",
                        help="largest request in bytes (default 67108864)")
-    group.add_argument("--grace", type=float,
+    group.add_argument("--grace",
                        help="seconds calls in flight get to finish after SIGTERM (default 10)")
-    group.add_argument("--rate-limit", type=float, dest="rate_limit",
+    group.add_argument("--rate-limit", dest="rate_limit",
                        help="requests per second per client (default 0: no limit)")
-    group.add_argument("--rate-burst", type=int, dest="rate_burst",
+    group.add_argument("--rate-burst", dest="rate_burst",
                        help="burst of the per-client rate limit (default: the rate)")
     group.add_argument("--client-header", dest="client_header",
                        help="metadata key naming the client when no token or mTLS "
                        "identifies it (default x-client-id)")
-    group.add_argument("--json-logs", dest="json_logs", action="store_const", const=True,
-                       help="one JSON object per log line")
+
+
+def add_policy_flags(parser: argparse.ArgumentParser) -> None:
+    """The sidecar's and the proxy's flags for the default policy and the workers."""
+    parser.add_argument("--defense", help="defense of the default policy (e.g. reverse_sigmoid)")
+    parser.add_argument("--beta", type=float, help="beta of the default policy")
+    parser.add_argument("--gamma", type=float, help="gamma of the default policy")
+    parser.add_argument("--workers", help="processes serving one port (default 1)")
 
 
 class _JsonFormatter(logging.Formatter):
@@ -83,15 +95,43 @@ def configure_logging(level: str, json_logs: bool = False) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
-def check_before_fork(config, build_policies) -> None:
-    """Fail before any worker exists: policies (built with `build_policies(specs, secret)`),
-    certificates and tokens must all be readable and valid (ConfigError otherwise)."""
-    from stealguard.server.platform.credentials import Tokens, server_credentials
+def flags_of(args: argparse.Namespace, *skip: str) -> dict:
+    """The settings the command line gives (None: not given), without `config` and `skip`."""
+    return {k: v for k, v in vars(args).items() if k not in ("config", *skip)}
 
-    build_policies(config.policies, config.secret_bytes())
-    server_credentials(config)
-    if config.token_file:
-        Tokens.from_file(config.token_file)
+
+def serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace, *,
+                  build_policies, run_one, check: Callable[[Config], None] | None = None,
+                  skip: tuple[str, ...] = ()) -> int:
+    """Start the sidecar or the proxy: load the config (exit 2 naming the mistake),
+    `check` it, log, check policies, certificates and tokens before forking, and serve
+    `run_one(config, reuse_port, reload)` on `config.workers` processes; SIGHUP reloads
+    from the same sources."""
+    flags = flags_of(args, *skip)
+    try:
+        config = load_config(args.config, overrides=flags)
+        if check is not None:
+            check(config)
+        config.ensure_secret()
+        configure_logging(config.log_level, config.json_logs)
+        # Imported here: numba and grpc load only once the arguments are known to be good.
+        from stealguard.server.platform.credentials import Tokens, server_credentials
+        from stealguard.server.platform.lifecycle import serve_workers
+
+        build_policies(config.policies, config.secret_bytes())
+        server_credentials(config)
+        if config.token_file:
+            Tokens.from_file(config.token_file)
+
+        def reload() -> Config:
+            """The same sources again (file, environment, flags) for SIGHUP."""
+            return load_config(args.config, overrides=flags)
+
+        return serve_workers(config, lambda c, reuse: run_one(c, reuse, reload))
+    except (ConfigError, OSError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except KeyboardInterrupt:
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,29 +147,18 @@ def main(argv: list[str] | None = None) -> int:
         return usage_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k != "config"}
-    try:
-        config = load_config(args.config, overrides=flags)
-        config.ensure_secret()
-        configure_logging(config.log_level, config.json_logs)
-        # Imported here: numba and grpc load only once the arguments are known to be good.
-        from stealguard.server.platform.lifecycle import serve_workers
+
+    def build_policies(specs, secret):
         from stealguard.server.policies import PolicySet
+
+        return PolicySet.from_config(specs, secret)
+
+    def run_one(config, reuse_port, reload):
         from stealguard.server.sidecar import run_sidecar
 
-        check_before_fork(config, PolicySet.from_config)
+        return run_sidecar(config, reuse_port=reuse_port, reload=reload)
 
-        def reload():
-            """The same sources again (file, environment, flags) for SIGHUP."""
-            return load_config(args.config, overrides=flags)
-
-        return serve_workers(
-            config, lambda c, reuse: run_sidecar(c, reuse_port=reuse, reload=reload)
-        )
-    except (ConfigError, OSError) as error:
-        parser.exit(2, f"stealguard-sidecar: error: {error}\n")
-    except KeyboardInterrupt:
-        return 0
+    return serve_command(parser, args, build_policies=build_policies, run_one=run_one)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,18 @@ def test_metrics_count_requests_rows_clients_and_distortion(guarded):
 def limited():
     process, address = start_sidecar("--max-rows", "4", "--max-message-bytes", "4096",
                                      "--max-in-flight", "1")
+    # With one call in flight allowed, the health check that found it SERVING may still
+    # hold the slot on a loaded machine: wait until a plain call is answered.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with DefenseClient(address, timeout=10) as client:
+                client.perturb(ROWS)
+            break
+        except SidecarError as error:
+            if error.code != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     yield address
     process.stop()
 

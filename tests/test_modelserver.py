@@ -119,6 +119,31 @@ def test_unary_transport_answers_like_the_stream(default_model, sidecar, tmp_pat
         assert modelserver.stop() == 0, modelserver.output()
 
 
+def test_yaml_config_max_in_flight_0_and_json_logs_on_configure_the_model_server(
+        default_model, sidecar, tmp_path, images):
+    """The divergences issue 16 named: the model server reads YAML (`--config`), takes
+    `max_in_flight: 0` as "no limit" like the sidecar, and JSON_LOGS=on like the sidecar."""
+    from _procs import Process, free_port, script
+
+    address = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "modelserver.yaml"
+    config.write_text(f"listen: {address}\nsidecar: {sidecar}\nmodel_store: {tmp_path}/store\n"
+                      "max_in_flight: 0\nmetrics_port: 0\nsidecar_transport: unary\n")
+    modelserver = Process([script("stealguard-modelserver"), "--config", str(config)],
+                          env={"STEALGUARD_MODELSERVER_JSON_LOGS": "on"})
+    try:
+        modelserver.wait_healthy(address, timeout=STARTUP_TIMEOUT)
+        client = TorchServeClient(address)
+        assert client.predict("mnist-open", png_bytes(images[0])).shape == (10,)
+        client.close()
+    finally:
+        assert modelserver.stop() == 0, modelserver.output()
+    lines = [line for line in modelserver.output().splitlines() if line.startswith("{")]
+    entries = [json.loads(line) for line in lines]
+    assert any("listening on " + address in entry["message"] for entry in entries)
+    assert any("(unary)" in entry["message"] for entry in entries)  # the YAML was read
+
+
 def test_default_model_classifies_real_test_images(stack):
     from stealguard.attacks.datasets import load_dataset
 

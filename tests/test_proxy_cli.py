@@ -26,7 +26,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         (("--upstream", "h:1"), "policies: {m: {defense: none, outputs: 3}}\n",
          "policy 'm': outputs must be a non-empty list"),
         (("--upstream", "h:1", "--upstream-tls-cert", "c.pem"), None,
-         "upstream_tls_cert and upstream_tls_key go together"),
+         "--upstream-tls-cert and --upstream-tls-key go together"),
         (("--upstream", "h:1", "--upstream-tls-ca", "/no/such/ca.pem"), None,
          "--upstream-tls-ca: cannot read /no/such/ca.pem: No such file or directory"),
     ],

@@ -277,7 +277,7 @@ def test_sigterm_and_sigint_stop_cleanly():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--workers", "0"], "workers must be at least 1"),
+        (["--workers", "0"], "--workers: must be at least 1"),
         (["--beta", "x"], "argument --beta: invalid float value"),
         (["--defense", "nope"], "policy 'default'"),
         (["--beta", "-1"], "beta"),

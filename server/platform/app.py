@@ -56,7 +56,7 @@ class GrpcApp:
     def from_settings(cls, settings, services: Iterable[str], *, reuse_port: bool = False,
                       logger: logging.Logger = log) -> GrpcApp:
         """A server with the listener, limits, TLS, tokens and metrics of `settings` (any
-        object with the attributes of `stealguard.server.config.ServerSettings`)."""
+        object with the attributes of `stealguard.server.settings.ServerSettings`)."""
         tokens = Tokens.from_file(settings.token_file) if settings.token_file else None
         identity = Identity(tokens, settings.client_header, mtls=bool(settings.tls_ca))
         interceptors: list[grpc.aio.ServerInterceptor] = []

@@ -12,8 +12,8 @@ import hmac
 from pathlib import Path
 
 import grpc
-from stealguard.server.config import Config, ConfigError
 from stealguard.server.principal import split_gateway_mark
+from stealguard.server.settings import ConfigError, ServerSettings
 
 
 def _read(path: str, what: str) -> bytes:
@@ -23,7 +23,7 @@ def _read(path: str, what: str) -> bytes:
         raise ConfigError(f"cannot read {what} {path}: {error.strerror}") from None
 
 
-def server_credentials(config: Config) -> grpc.ServerCredentials | None:
+def server_credentials(config: ServerSettings) -> grpc.ServerCredentials | None:
     """TLS credentials from `tls_cert`/`tls_key`; with `tls_ca`, client certs are required."""
     if not config.tls_cert:
         return None

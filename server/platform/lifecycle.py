@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from stealguard.server.platform.app import GrpcApp
+from stealguard.server.settings import ConfigError
 
 log = logging.getLogger("stealguard.platform")
 
@@ -67,8 +68,6 @@ async def run(app: GrpcApp, service: Service, describe: Callable[[int], str]) ->
 
     `describe(port)` is the "listening on ..." line logged once the port is bound.
     """
-    from stealguard.server.config import ConfigError
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     try:
