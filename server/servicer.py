@@ -18,6 +18,9 @@ from stealguard.server import metrics
 from stealguard.server.codec import tensor_to_flat, write_tensor
 from stealguard.server.core import ANONYMOUS, ProtectCore
 from stealguard.server.errors import Unavailable
+from stealguard.server.metering.inflight import Slots, StreamIdle
+from stealguard.server.metering.meter import ADMISSION
+from stealguard.server.metering.settings import STREAM_OPEN_ROWS
 from stealguard.server.platform.identity import Identity
 from stealguard.server.platform.status import grpc_status, status_message
 from stealguard.v1 import defense_pb2, defense_pb2_grpc
@@ -32,10 +35,15 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
     """Serves Perturb, PerturbStream and ListPolicies over a `ProtectCore`."""
 
     def __init__(self, core: ProtectCore, identity: Identity | None = None, *,
-                 with_metrics: bool = False):
+                 with_metrics: bool = False, slots: Slots | None = None,
+                 stream_idle_timeout: float = 0.0):
         self.core = core
         self.identity = identity or Identity()
         self.with_metrics = with_metrics
+        # per-principal caps on calls and streams in flight (stealguard.server.metering)
+        self.slots = slots if slots is not None and (slots.max_calls or slots.max_streams) \
+            else None
+        self.stream_idle_timeout = stream_idle_timeout
         self.in_flight = 0  # handlers running now (what a drain waits for)
         self._idle_streams: set[asyncio.Task] = set()  # streams waiting for a message
 
@@ -62,8 +70,19 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
         write_tensor(response.probabilities, answer.rows.reshape(-1), tensor.shape)
         return response
 
-    def _principal(self, context) -> str:
-        return self.identity.of(context) if self.core.needs_principal else ANONYMOUS
+    def _caller(self, context):
+        """What is known of the caller, when a limiter, an observer or a slot cap will look
+        at its principal; else None (the principal is then ANONYMOUS)."""
+        if self.core.needs_principal or self.slots is not None:
+            return self.identity.caller(context)
+        return None
+
+    def _principal_of(self, caller, request) -> str:
+        """The principal one request is charged to: the end client it names in
+        `principal`, when its caller may speak for others (see principal.py)."""
+        if caller is None:
+            return ANONYMOUS
+        return self.identity.end_principal(caller, request.principal)
 
     def _count(self, method: str, policy: str, code: grpc.StatusCode) -> None:
         if self.with_metrics:
@@ -71,8 +90,16 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
 
     async def Perturb(self, request, context):
         self.in_flight += 1
+        principal = None
         try:
-            response = await self.perturb(request, self._principal(context))
+            principal = self._principal_of(self._caller(context), request)
+            if self.slots is not None:
+                self.slots.enter(principal, False)
+            try:
+                response = await self.perturb(request, principal)
+            finally:
+                if self.slots is not None:
+                    self.slots.leave(principal, False)
         except Exception as error:  # noqa: BLE001 - every error becomes a status
             status = grpc_status(error)
             self._count("Perturb", "-", status.code)
@@ -80,9 +107,36 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
                                 trailing_metadata=tuple(status.trailing))
         finally:
             self.in_flight -= 1
+        admission = ADMISSION.get()
+        if admission is not None and admission.principal == principal:
+            context.set_trailing_metadata(admission.metadata())  # who paid, what is left
         if self.with_metrics:
             self._count("Perturb", response.policy, grpc.StatusCode.OK)
         return response
+
+    async def _open_stream(self, context):
+        """The caller of a new request stream, its slot taken and its opening charged
+        (one row), or the call ended with the refusal."""
+        caller = self._caller(context)
+        if caller is None:
+            return None, ANONYMOUS
+        principal = self.identity.end_principal(caller, "")
+        try:
+            if self.slots is not None:
+                self.slots.enter(principal, True)
+            try:
+                if self.core.limiter is not None:
+                    await self.core.limiter.admit(principal, STREAM_OPEN_ROWS)
+            except BaseException:
+                if self.slots is not None:
+                    self.slots.leave(principal, True)
+                raise
+        except Exception as error:  # noqa: BLE001
+            status = grpc_status(error)
+            self._count("PerturbStream", "-", status.code)
+            await context.abort(status.code, status.message,
+                                trailing_metadata=tuple(status.trailing))
+        return caller, principal
 
     async def PerturbStream(
         self, request_iterator, context
@@ -91,8 +145,17 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
         status, or with `keep_stream_on_error` gets a reply carrying that status and the
         stream goes on. A drain ends the stream, at once if it waits for its next message."""
         task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
         requests = request_iterator.__aiter__()
-        principal = self._principal(context)
+        caller, opener = await self._open_stream(context)
+        idle = self.stream_idle_timeout
+        timed_out = False
+
+        def time_out() -> None:
+            nonlocal timed_out
+            timed_out = True
+            task.cancel()
+
         index = 0
         self.in_flight += 1
         try:
@@ -100,17 +163,25 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
                 if self.core.unavailable is not None:  # draining began while it was busy
                     await context.abort(grpc.StatusCode.UNAVAILABLE, self.core.unavailable)
                 self._idle_streams.add(task)
+                timer = loop.call_later(idle, time_out) if idle > 0 else None
                 try:
                     request = await requests.__anext__()
                 except StopAsyncIteration:
                     return
                 except asyncio.CancelledError:
+                    if timed_out:
+                        status = grpc_status(StreamIdle(idle))
+                        await context.abort(status.code, status.message)
                     if self.core.unavailable is None:
                         raise
                     await context.abort(grpc.StatusCode.UNAVAILABLE, self.core.unavailable)
                 finally:
+                    if timer is not None:
+                        timer.cancel()
                     self._idle_streams.discard(task)
                 try:
+                    principal = opener if not request.principal else \
+                        self._principal_of(caller, request)
                     response = await self.perturb(request, principal)
                 except Exception as error:  # noqa: BLE001
                     status = grpc_status(error, prefix=f"stream message {index}: ")
@@ -127,6 +198,8 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
                 index += 1
         finally:
             self.in_flight -= 1
+            if self.slots is not None and caller is not None:
+                self.slots.leave(opener, True)
 
     async def ListPolicies(self, request, context):
         return defense_pb2.ListPoliciesResponse(

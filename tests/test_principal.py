@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from stealguard.server.platform.credentials import Tokens
 from stealguard.server.principal import Caller, peer_host, principal_of
-from stealguard.server.security import Tokens
 
 
 def test_rotating_client_header_without_trust_stays_one_peer_principal():

@@ -7,12 +7,12 @@ restarts when the counts live in Redis or Valkey.
 
 See limits.py (GCRA rate, rolling-window quotas), store.py and redis_store.py (the one
 atomic algorithm, in Python and Lua), meter.py (leases, failing closed or open),
-status.py (RESOURCE_EXHAUSTED with QuotaFailure and RetryInfo), inflight.py (per-principal
+errors.py (the protect core's Exhausted and Unavailable), inflight.py (per-principal
 slots, idle streams) and usage.py (`stealguard-sidecar usage`).
 """
 
 from stealguard.server.metering.errors import OverLimit, StoreUnavailable, Violation
-from stealguard.server.metering.inflight import Slots, SlotsExhausted, StreamIdle, idle_limited
+from stealguard.server.metering.inflight import Slots, SlotsExhausted, StreamIdle
 from stealguard.server.metering.limits import Limits, Quota, parse_quota
 from stealguard.server.metering.meter import FAILURE_MODES, Admission, Meter
 from stealguard.server.metering.redis_store import RedisStore, open_store
@@ -21,5 +21,5 @@ from stealguard.server.metering.store import MemoryStore, StoreError
 __all__ = [
     "FAILURE_MODES", "Admission", "Limits", "MemoryStore", "Meter", "OverLimit", "Quota",
     "RedisStore", "Slots", "SlotsExhausted", "StoreError", "StoreUnavailable", "StreamIdle",
-    "Violation", "idle_limited", "open_store", "parse_quota",
+    "Violation", "open_store", "parse_quota",
 ]

@@ -3,29 +3,29 @@
 gRPC's `max_in_flight` is one pool for everyone: a principal holding idle request
 streams could take every slot. `Slots` gives each principal at most `max_calls` unary
 calls and `max_streams` request streams at once (0: no cap), so one principal cannot
-exhaust the slots of all others; `idle_limited` ends a request stream that sends nothing
-for `timeout` seconds.
+exhaust the slots of all others. A request stream that sends nothing for the idle timeout
+is ended with `StreamIdle` (server/servicer.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
+from stealguard.server.errors import Exhausted
 
 
-class SlotsExhausted(Exception):
+class SlotsExhausted(Exhausted):
     """A principal already has its cap of calls or streams in flight."""
 
     def __init__(self, principal: str, kind: str, cap: int):
-        self.principal, self.kind, self.cap = principal, kind, cap
+        self.principal, self.what, self.cap = principal, kind, cap  # not `kind`: the error's
         flag = "--max-streams-per-principal" if kind == "streams" else \
             "--max-calls-per-principal"
         super().__init__(f"principal {principal!r} already has {cap} {kind} in flight "
                          f"({flag}); finish one and retry")
 
 
-class StreamIdle(Exception):
-    """A request stream sent nothing for the idle timeout."""
+class StreamIdle(Exhausted):
+    """A request stream sent nothing for the idle timeout (RESOURCE_EXHAUSTED, not
+    UNAVAILABLE: the server is fine, and clients pause before reconnecting on that)."""
 
     def __init__(self, timeout: float):
         self.timeout = timeout
@@ -65,20 +65,3 @@ class Slots:
 
     def held(self, principal: str, stream: bool) -> int:
         return self._held.get((principal, stream), 0)
-
-
-async def idle_limited(requests: AsyncIterator, timeout: float) -> AsyncIterator:
-    """The messages of `requests`; StreamIdle when the next one takes over `timeout`
-    seconds (0: no timeout)."""
-    iterator = requests.__aiter__()
-    while True:
-        try:
-            if timeout > 0:
-                message = await asyncio.wait_for(iterator.__anext__(), timeout)
-            else:
-                message = await iterator.__anext__()
-        except StopAsyncIteration:
-            return
-        except asyncio.TimeoutError:
-            raise StreamIdle(timeout) from None
-        yield message

@@ -24,7 +24,7 @@ from stealguard.server.proxy.options import ProxyPolicies
 from stealguard.server.proxy.torchserve import TorchServeProxy
 from stealguard.server.proxy.upstream import Upstream, upstream_credentials
 from stealguard.server.proxy.v2 import V2Proxy
-from stealguard.server.sidecar import protect_core
+from stealguard.server.sidecar import close_limiter, protect_core
 
 log = logging.getLogger("stealguard.proxy")
 
@@ -66,6 +66,7 @@ class Proxy(lifecycle.Service):
         if self.watcher is not None:
             self.watcher.cancel()
         await self.upstream.close()
+        await close_limiter(self.proxy.core)
 
 
 async def run_proxy(config: Config, *, reuse_port: bool = False, health_interval: float = 1.0,

@@ -1,0 +1,185 @@
+"""Metering in real sidecar processes sharing a real Valkey: one principal's budget holds
+across processes, workers and restarts; the attacks of issue 17, re-run, are refused."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from _procs import free_port, script, start_sidecar
+from _status_details import details_of
+from _valkey import Valkey
+from stealguard.server.codec import array_to_tensor
+from stealguard.v1 import defense_pb2, defense_pb2_grpc
+
+ONE_ROW = np.array([[0.7, 0.2, 0.1]], dtype=np.float32)
+
+
+def request(rows=ONE_ROW, **fields) -> defense_pb2.PerturbRequest:
+    return defense_pb2.PerturbRequest(probabilities=array_to_tensor(rows), **fields)
+
+
+def call(address: str, rows=ONE_ROW, metadata=(), **fields):
+    """One Perturb: the status code and the error (None when OK)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            defense_pb2_grpc.DefenseStub(channel).Perturb(request(rows, **fields),
+                                                          metadata=metadata, timeout=10)
+            return grpc.StatusCode.OK, None
+        except grpc.RpcError as error:
+            return error.code(), error
+
+
+@pytest.fixture()
+def valkey(tmp_path):
+    server = Valkey(tmp_path / "valkey").start()
+    yield server
+    server.stop()
+
+
+def metered(valkey, *flags):
+    return ("--store", valkey.url, *flags)
+
+
+def test_one_principal_across_two_sidecars_and_two_workers_gets_its_quota_once(valkey):
+    # 200/1h is below the size that gets a lease (1/256 of the quota), so the stated
+    # slack is 0 rows: exactly 200 admitted, however the calls are spread
+    flags = metered(valkey, "--quota", "200/1h")
+    first, a = start_sidecar(*flags)
+    second, b = start_sidecar(*flags)
+    port = free_port()
+    workers, c = start_sidecar(*flags, "--workers", "2", port=port)
+    try:
+        channels = [grpc.insecure_channel(x) for x in (a, b, c, c, c)]
+        admitted = refused = 0
+        for i in range(400):
+            stub = defense_pb2_grpc.DefenseStub(channels[i % len(channels)])
+            try:
+                stub.Perturb(request(), metadata=[("x-client-id", f"rotating-{i}")],
+                             timeout=10)
+                admitted += 1
+            except grpc.RpcError as error:
+                assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+                refused += 1
+        for channel in channels:
+            channel.close()
+    finally:
+        for process in (first, second, workers):
+            process.stop()
+    assert (admitted, refused) == (200, 200)
+
+
+def test_a_gateway_token_gets_one_budget_per_end_client(valkey, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("modelserver:gw-secret:gateway\nplain:plain-secret\n")
+    process, address = start_sidecar(*metered(valkey, "--quota", "3/1h", "--token-file",
+                                              str(tokens)))
+    try:
+        gateway = [("authorization", "Bearer gw-secret")]
+        codes = {name: [call(address, metadata=gateway, principal=name)[0]
+                        for _ in range(4)] for name in ("alice", "bob")}
+        plain = [("authorization", "Bearer plain-secret")]
+        rotating = [call(address, metadata=plain, principal=f"user-{i}")[0]
+                    for i in range(4)]
+    finally:
+        process.stop()
+    ok, over = grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert codes == {"alice": [ok, ok, ok, over], "bob": [ok, ok, ok, over]}
+    assert rotating == [ok, ok, ok, over]  # a plain token cannot assert end clients
+
+
+def test_a_65536_row_call_costs_65536_rows(valkey):
+    process, address = start_sidecar(*metered(valkey, "--quota", "100000/1d"))
+    rows = np.full((65536, 2), 0.5, dtype=np.float32)
+    try:
+        first = call(address, rows)[0]
+        second, refused = call(address, rows)
+    finally:
+        process.stop()
+    usage = subprocess.run([script("stealguard-sidecar"), "usage", "--store", valkey.url,
+                            "--format", "json"], capture_output=True, text=True, timeout=60)
+    assert (first, second) == (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert [u["rows"] for u in json.loads(usage.stdout)] == [65536]
+    quota, retry = details_of(refused)
+    assert quota.violations[0].subject == "principal:peer:127.0.0.1"
+    assert "100000 rows per rolling 1d" in quota.violations[0].description
+    assert retry.retry_delay.seconds > 86000
+
+
+def test_a_restarted_sidecar_remembers_the_quota(valkey):
+    flags = metered(valkey, "--quota", "5/1h")
+    process, address = start_sidecar(*flags)
+    spent = [call(address)[0] for _ in range(5)]
+    process.stop()
+    port = int(address.rsplit(":", 1)[1])
+    process, address = start_sidecar(*flags, port=port)
+    try:
+        after = call(address)[0]
+    finally:
+        process.stop()
+    assert spent == [grpc.StatusCode.OK] * 5
+    assert after is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_store_killed_fails_closed_naming_it_then_recovers(valkey):
+    # a burst of 10 gets no lease (1/16 of it is 0): every call asks the store
+    process, address = start_sidecar(*metered(valkey, "--rate-limit", "10"))
+    try:
+        before = call(address)[0]
+        valkey.stop()
+        down, error = call(address)
+        valkey.start()
+        after = grpc.StatusCode.UNAVAILABLE
+        for _ in range(50):  # retried every 0.5 s: the first success ends the outage
+            after = call(address)[0]
+            if after is grpc.StatusCode.OK:
+                break
+            threading.Event().wait(0.1)
+    finally:
+        process.stop()
+    assert (before, down, after) == (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE,
+                                     grpc.StatusCode.OK)
+    assert valkey.url in error.details()
+    assert "metering store" in process.output() and "is back after" in process.output()
+
+
+def test_an_idle_stream_hog_cannot_starve_honest_callers(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("hog:hog-secret\nhonest:honest-secret\n")
+    process, address = start_sidecar("--token-file", str(tokens), "--max-in-flight", "64",
+                                     "--max-streams-per-principal", "4",
+                                     "--rate-limit", "1000")
+    hog = grpc.insecure_channel(address)
+    idle = threading.Event()
+    streams = []
+    try:
+        def silent():
+            idle.wait()
+            return
+            yield
+
+        stub = defense_pb2_grpc.DefenseStub(hog)
+        for _ in range(100):  # more than max_in_flight
+            streams.append(stub.PerturbStream(
+                silent(), metadata=[("authorization", "Bearer hog-secret")]))
+        honest = [call(address, metadata=[("authorization", "Bearer honest-secret")])[0]
+                  for _ in range(20)]
+        for _ in range(300):  # refusals come back at once, as each stream opens
+            ended = [s for s in streams if s.done()]
+            if len(ended) >= 96:
+                break
+            threading.Event().wait(0.1)
+        refused = sum(1 for s in ended if s.code() is grpc.StatusCode.RESOURCE_EXHAUSTED)
+    finally:
+        idle.set()
+        for stream in streams:
+            stream.cancel()
+        hog.close()
+        process.stop(signal.SIGTERM)
+    assert honest == [grpc.StatusCode.OK] * 20
+    assert refused == 96  # all but the hog's 4
