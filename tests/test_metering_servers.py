@@ -183,3 +183,46 @@ def test_an_idle_stream_hog_cannot_starve_honest_callers(tmp_path):
         process.stop(signal.SIGTERM)
     assert honest == [grpc.StatusCode.OK] * 20
     assert refused == 96  # all but the hog's 4
+
+
+def test_the_model_server_forwards_each_end_client_to_be_charged_once(valkey, tmp_path):
+    from _modelserver_helpers import (
+        STARTUP_TIMEOUT,
+        TorchServeClient,
+        mnist_test_images,
+        npy_bytes,
+        start_modelserver,
+    )
+    from stealguard.modelserver.training import trained_model
+
+    trained_model()
+    sidecar_tokens = tmp_path / "sidecar-tokens"
+    sidecar_tokens.write_text("modelserver:ms-secret:gateway\n")
+    token = tmp_path / "token"
+    token.write_text("ms-secret\n")
+    client_tokens = tmp_path / "client-tokens"
+    client_tokens.write_text("alice:alice-secret\nbob:bob-secret\n")
+    sidecar, sidecar_address = start_sidecar(
+        *metered(valkey, "--quota", "1000/1d", "--token-file", str(sidecar_tokens)))
+    modelserver, address = start_modelserver(
+        sidecar_address, tmp_path / "store", "--token-file", str(client_tokens),
+        "--sidecar-token-file", str(token), "--metrics-port", "0")
+    try:
+        modelserver.wait_healthy(address, timeout=STARTUP_TIMEOUT)
+        client = TorchServeClient(address)
+        batch = npy_bytes(mnist_test_images(3))
+        for name, count in (("alice", 2), ("bob", 1)):
+            for _ in range(count):
+                client.stub.Predictions(client.request("mnist", batch), timeout=30,
+                                        metadata=[("authorization", f"Bearer {name}-secret"),
+                                                  ("x-client-id", "mallory")])
+        client.close()
+    finally:
+        modelserver.stop()
+        sidecar.stop()
+    usage = subprocess.run([script("stealguard-sidecar"), "usage", "--store", valkey.url,
+                            "--format", "json"], capture_output=True, text=True, timeout=60)
+    # 3 images a call: alice 2 calls, bob 1 (a plain token's x-client-id is ignored); the
+    # model server pays the one row of opening its shared stream
+    assert {u["principal"]: u["rows"] for u in json.loads(usage.stdout)} == \
+        {"alice": 6, "bob": 3, "modelserver": 1}
