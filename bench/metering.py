@@ -1,11 +1,18 @@
 #!/usr/bin/env python3
-"""What metering adds to a call: the meter with a loopback Valkey against metering off.
+"""What metering adds to a call: metering with a loopback Valkey against metering off.
 
-    python bench/metering.py            # 5 rounds of 20,000 calls per arm
-    python bench/metering.py --quick    # 3 rounds of 5,000
+    python bench/metering.py            # both parts: 5 rounds in process, 3 of 5 s end to end
+    python bench/metering.py --quick    # 3 rounds of 5,000 calls; 3 rounds of 2 s
 
-In one process and one event loop, each round runs every arm back to back on 1-row
-calls of one principal (rate and quota set far above what the run spends):
+End to end: two sidecars run side by side, one without limits and one with
+`--store redis://(loopback Valkey) --rate-limit 1e9 --rate-burst 1e9 --quota 1e9/1d`
+(nothing is refused, every call is metered); `stealguard-load` sends one caller's
+Perturb 1x10 (and PerturbStream 1x10) to each in turn, round after round. Prints p50 per
+call, the sidecar's CPU per call (and Valkey's, its warm-up second included), the added
+p50 and the CPU ratio, median of the rounds.
+
+In process, one event loop, each round runs every arm back to back on 1-row calls of
+one principal (rate and quota set far above what the run spends):
 - off: the call without a meter (an awaited no-op: what a server does with no limit);
 - lease: `Meter.admit` on a Valkey store with the default lease (64 rows per round trip);
 - memory: the same on the in-process memory store;
@@ -19,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from _procs import script, start_sidecar  # noqa: E402
 from _valkey import Valkey  # noqa: E402
 from stealguard.server.metering import Limits, MemoryStore, Meter, open_store  # noqa: E402
 
@@ -74,6 +84,65 @@ async def run(rounds: int, calls: int, valkey: Valkey) -> dict[str, list[dict]]:
     return results
 
 
+E2E_WORKLOADS = [("Perturb 1x10", ["--method", "perturb"]),
+                 ("PerturbStream 1x10", ["--method", "perturb-stream"])]
+
+
+def load(address: str, pid: int, args: list[str], seconds: float) -> dict:
+    command = [script("stealguard-load"), "--target", address, "--concurrency", "1",
+               "--duration", f"{seconds}s", "--warmup", "1s", "--batch", "1", "--classes",
+               "10", "--server-pid", str(pid), "--format", "json", "--no-progress", *args]
+    return json.loads(subprocess.run(command, capture_output=True, text=True,
+                                     check=True).stdout)
+
+
+def end_to_end(rounds: int, seconds: float, valkey: Valkey) -> list[tuple]:
+    plain, plain_address = start_sidecar()
+    metered, metered_address = start_sidecar(
+        "--store", valkey.url, "--rate-limit", "1e9", "--rate-burst", str(10**9),
+        "--quota", f"{10**9}/1d")
+    rows = []
+    try:
+        for name, workload in E2E_WORKLOADS:
+            results = []
+            for _ in range(rounds):
+                off = load(plain_address, plain.pid, workload, seconds)
+                store0 = cpu_of(valkey.pid)
+                on = load(metered_address, metered.pid, workload, seconds)
+                store = (cpu_of(valkey.pid) - store0) / max(1, on["requests"]) * 1e6
+                results.append((off, on, store))
+            rows.append((name, results))
+    finally:
+        plain.stop()
+        metered.stop()
+    return rows
+
+
+def print_end_to_end(rows: list[tuple], rounds: int, seconds: float) -> None:
+    print(f"\nend to end: one caller, {rounds} rounds of {seconds:g} s per sidecar, "
+          "loopback valkey-server")
+    print("| workload | metering | p50 ms | sidecar CPU µs/call | valkey CPU µs/call |"
+          " added p50 µs | CPU ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name, results in rows:
+        def med(pick, results=results):
+            return statistics.median(pick(r) for r in results)
+        p50_off = med(lambda r: r[0]["latency_ms"]["p50"])
+        p50_on = med(lambda r: r[1]["latency_ms"]["p50"])
+        cpu_off = med(lambda r: r[0]["server"]["cpu_us_per_call"])
+        cpu_on = med(lambda r: r[1]["server"]["cpu_us_per_call"])
+        added = med(lambda r: (r[1]["latency_ms"]["p50"] - r[0]["latency_ms"]["p50"]) * 1e3)
+        ratio = med(lambda r: r[1]["server"]["cpu_us_per_call"]
+                    / r[0]["server"]["cpu_us_per_call"])
+        store = med(lambda r: r[2])
+        print(f"| {name} | off | {p50_off:.3f} | {cpu_off:.0f} | — | | |")
+        print(f"| {name} | on | {p50_on:.3f} | {cpu_on:.0f} | {store:.1f} | {added:.0f} | "
+              f"{ratio:.2f} |")
+        errors = sum(r[0]["error_count"] + r[1]["error_count"] for r in results)
+        if errors:
+            print(f"| {name} | errors | {errors} | | | | |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds of 5,000 calls")
@@ -81,10 +150,12 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=20_000)
     args = parser.parse_args()
     rounds, calls = (3, 5000) if args.quick else (args.rounds, args.calls)
+    e2e_rounds, e2e_seconds = 3, (2.0 if args.quick else 5.0)
     with tempfile.TemporaryDirectory(prefix="stealguard-bench-") as directory:
         valkey = Valkey(Path(directory)).start()
         try:
             results = asyncio.run(run(rounds, calls, valkey))
+            e2e = end_to_end(e2e_rounds, e2e_seconds, valkey)
         finally:
             valkey.stop()
     off = results["off"]
@@ -97,6 +168,7 @@ def main() -> int:
         ratio = statistics.median(r["cpu_us"] / o["cpu_us"] for r, o in zip(rows, off, strict=True))
         print(f"{name:<10} {med['p50_us']:8.2f} {med['p99_us']:8.2f} {med['cpu_us']:12.2f} "
               f"{med['store_cpu_us']:18.2f} {added:13.2f} {ratio:10.1f}")
+    print_end_to_end(e2e, e2e_rounds, e2e_seconds)
     return 0
 
 
