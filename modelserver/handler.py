@@ -188,6 +188,8 @@ class Models:
         modules: dict[Path, torch.nn.Module] = {}  # models that share weights share a module
         self.handlers: dict[str, Handler] = {}
         self.core = core or ProtectCore(self)
+        if self.core.policies is None:  # a core built for these models: they are its policies
+            self.core.policies = self
         for name, spec in specs.items():
             key = spec.weights.resolve()
             if key not in modules:

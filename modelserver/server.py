@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,6 +20,7 @@ from stealguard.modelserver.handler import Models
 from stealguard.modelserver.metrics import Recorder
 from stealguard.modelserver.servicer import InferenceServicer
 from stealguard.modelserver.store import ensure_default_models, read_store
+from stealguard.server.core import ProtectCore
 from stealguard.server.metering.settings import meter_of
 from stealguard.server.platform import lifecycle
 from stealguard.server.platform import metrics as platform_metrics
@@ -66,21 +66,17 @@ def sidecar_client(config: ServerConfig) -> AsyncDefenseClient:
 class ModelServer(lifecycle.Service):
     """The model server's lifecycle hooks: a first forward pass per model before SERVING."""
 
+    draining = DRAINING
+
     def __init__(self, models: Models, sidecar: AsyncDefenseClient):
         self.models = models
         self.sidecar = sidecar
+        self.core = models.core
 
     def warm_up(self) -> str:
         started = time.perf_counter()
         self.models.warm_up()
         return f"ready: models warm in {time.perf_counter() - started:.2f}s"
-
-    async def serving(self, app: GrpcApp) -> None:
-        self.models.core.open()
-        await app.set_serving(True)
-
-    def drain(self) -> None:
-        self.models.core.refuse(DRAINING)
 
     async def close(self) -> None:
         await self.sidecar.close()
@@ -99,22 +95,17 @@ async def run_modelserver(config: ServerConfig) -> None:
     sidecar = sidecar_client(config)
     # one inference thread: each forward pass already uses torch_threads cores
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference") as executor:
-        models = Models(specs, sidecar, executor, config.max_batch, recorder)
-        models.core.limiter = limiter
-        models.core.observers = [recorder] if recorder.enabled else []
-        models.core.refuse(WARMING_UP)
+        core = ProtectCore(None, limiter=limiter,
+                           observers=[recorder] if recorder.enabled else [])
+        core.refuse(WARMING_UP)
+        models = Models(specs, sidecar, executor, config.max_batch, recorder, core)
         app = GrpcApp.from_settings(config, [INFERENCE_SERVICE], logger=log)
         add_lenient(inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server,
                     InferenceServicer(models, recorder, app.identity), app.server)
 
-        def describe(port: int) -> str:
-            host = config.listen.rsplit(":", 1)[0]
-            return (f"listening on {host}:{port} (pid {os.getpid()})"
-                    f"{' with TLS' if config.tls_cert else ''}"
-                    f"{' and client certificates' if config.tls_ca else ''}, sidecar "
-                    f"{config.sidecar} ({config.sidecar_transport})"
-                    f"{' over TLS' if config.sidecar_tls_ca or config.sidecar_tls_cert else ''}"
-                    f"{' with a token' if config.sidecar_token_file else ''}, models: "
-                    f"{', '.join(sorted(specs))}")
-
-        await lifecycle.run(app, ModelServer(models, sidecar), describe)
+        details = (f"{' and client certificates' if config.tls_ca else ''}, sidecar "
+                   f"{config.sidecar} ({config.sidecar_transport})"
+                   f"{' over TLS' if config.sidecar_tls_ca or config.sidecar_tls_cert else ''}"
+                   f"{' with a token' if config.sidecar_token_file else ''}, models: "
+                   f"{', '.join(sorted(specs))}")
+        await lifecycle.run(app, ModelServer(models, sidecar), details=details)

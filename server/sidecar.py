@@ -7,7 +7,6 @@ the policies of a fresh config between calls; SIGTERM drains (the platform's lif
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
 from stealguard.server.config import Config
@@ -45,22 +44,21 @@ def describe_policies(policies) -> str:
 class Sidecar(lifecycle.Service):
     """The sidecar's lifecycle hooks: warm the kernels, drain, reload the policies."""
 
+    draining = DRAINING
+
     def __init__(self, config: Config, servicer: DefenseServicer,
                  reload: Callable[[], Config] | None):
         self.config = config
         self.servicer = servicer
+        self.core = servicer.core
         self._reload = reload
         self.reloadable = reload is not None
 
     def warm_up(self) -> str:
         return f"ready: kernels warm in {warm_up():.2f}s"
 
-    async def serving(self, app: GrpcApp) -> None:
-        self.servicer.core.open()
-        await app.set_serving(True)
-
     def drain(self) -> None:
-        self.servicer.core.refuse(DRAINING)
+        super().drain()
         log.info("draining: %d calls in flight; ended %d idle streams", self.servicer.in_flight,
                  self.servicer.end_idle_streams())
 
@@ -102,11 +100,6 @@ async def run_sidecar(config: Config, *, reuse_port: bool = False,
         stream_idle_timeout=config.stream_idle_timeout)
     add_lenient(defense_pb2_grpc.add_DefenseServicer_to_server, servicer, app.server)
 
-    def describe(port: int) -> str:
-        host = config.listen.rsplit(":", 1)[0]
-        return (f"listening on {host}:{port} (pid {os.getpid()})"
-                f"{' with TLS' if app.credentials else ''}, policies: "
-                f"{describe_policies(policies)}")
-
     serve_metrics(config.metrics_port, log)
-    await lifecycle.run(app, Sidecar(config, servicer, reload), describe)
+    await lifecycle.run(app, Sidecar(config, servicer, reload),
+                        details=f", policies: {describe_policies(policies)}")

@@ -290,3 +290,42 @@ def test_metrics_port_asked_for_must_be_free_the_default_one_is_skipped(caplog):
             pass
         assert serve_metrics(ServerConfig()) == 0
     assert f"metrics off: default port {DEFAULT_METRICS_PORT} is taken" in caplog.text
+
+
+def test_model_server_predictions_go_through_the_protect_core_limits_and_observers(tmp_path):
+    """In process: the handler's protect step is the core, so the rate limit and the
+    metrics observer apply to an unprotected model's answers too."""
+    import io
+
+    import torch
+    from stealguard.modelserver.handler import Handler
+    from stealguard.modelserver.metrics import Recorder
+    from stealguard.modelserver.store import ModelSpec
+    from stealguard.server.core import ProtectCore
+    from stealguard.server.errors import Exhausted
+    from stealguard.server.limits import TokenBucket
+    from stealguard.server.platform.metrics import REGISTRY
+
+    spec = ModelSpec(name="tiny", version="1.0", architecture="mlp",
+                     weights=tmp_path / "unused.pt", input_shape=(3,), labels=("a", "b", "c"),
+                     policy="none")
+    recorder = Recorder(True, ["tiny"], protected=[])
+    core = ProtectCore(None, limiter=TokenBucket(rate=0.001, burst=1), observers=[recorder])
+    handler = Handler(spec, torch.nn.Linear(3, 3).eval(), None, recorder=recorder, core=core)
+    buffer = io.BytesIO()
+    np.save(buffer, np.full((2, 3), 0.5, np.float32))
+    inputs = {"data": buffer.getvalue()}
+    rows = ("stealguard_modelserver_rows_total", {"model": "tiny"})
+    limited = ("stealguard_rate_limited_total", {"client": "core-test"})
+    before = [REGISTRY.get_sample_value(*key) or 0.0 for key in (rows, limited)]
+
+    async def twice():
+        first = await handler.handle(inputs, client="core-test")
+        with pytest.raises(Exhausted, match="client 'core-test' is over its rate limit"):
+            await handler.handle(inputs, client="core-test")
+        return first
+
+    answer = np.array(json.loads(asyncio.run(twice())))
+    assert answer.shape == (2, 3) and np.allclose(answer.sum(axis=1), 1.0)
+    assert REGISTRY.get_sample_value(*rows) == before[0] + 2
+    assert REGISTRY.get_sample_value(*limited) == before[1] + 1

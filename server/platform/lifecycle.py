@@ -31,10 +31,17 @@ _STOPPED = object()  # what `_unless_stopped` returns when a stop signal came fi
 
 
 class Service:
-    """The hooks a server gives the lifecycle; every one has a harmless default."""
+    """The hooks a server gives the lifecycle; every one has a harmless default.
+
+    A service with a protect `core` has it refuse calls (UNAVAILABLE) until it is warm and
+    again from the drain on, with `draining` as the reason.
+    """
 
     #: True if `reload` is implemented (SIGHUP then calls it).
     reloadable = False
+    #: The protect core (`stealguard.server.core.ProtectCore`) the service answers with.
+    core = None
+    draining = "the server is draining; retry on another instance"
 
     def warm_up(self) -> str:
         """Blocking work before SERVING (compile kernels, a first forward pass); returns
@@ -42,12 +49,16 @@ class Service:
         return "ready"
 
     async def serving(self, app: GrpcApp) -> None:
-        """Warm: start answering. The default reports SERVING; the proxy instead lets its
-        upstream watcher decide."""
+        """Warm: start answering. The default opens the core and reports SERVING; the
+        proxy instead lets its upstream watcher decide health."""
+        if self.core is not None:
+            self.core.open()
         await app.set_serving(True)
 
     def drain(self) -> None:
         """SIGTERM: refuse new work (calls already running go on for the grace period)."""
+        if self.core is not None:
+            self.core.refuse(self.draining)
 
     def reload(self) -> str:
         """SIGHUP: install a new config; returns what to log. Raise `ConfigError` or
@@ -63,10 +74,11 @@ class Service:
         """After the server stopped: close channels and clients."""
 
 
-async def run(app: GrpcApp, service: Service, describe: Callable[[int], str]) -> None:
+async def run(app: GrpcApp, service: Service, *, name: str = "", details: str = "") -> None:
     """Run `service` on `app` until SIGTERM/SIGINT, then drain and stop.
 
-    `describe(port)` is the "listening on ..." line logged once the port is bound.
+    Once the port is bound it logs "`name` listening on HOST:PORT (pid N) [with TLS]
+    `details`".
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -84,7 +96,9 @@ async def run(app: GrpcApp, service: Service, describe: Callable[[int], str]) ->
                 app.log.info("SIGHUP: policies reloaded: %s", names)
 
             loop.add_signal_handler(signal.SIGHUP, reload)
-        app.log.info("%s", describe(port))
+        host = app.listen.rsplit(":", 1)[0]
+        app.log.info("%slistening on %s:%d (pid %d)%s%s", f"{name} " if name else "", host,
+                     port, os.getpid(), " with TLS" if app.credentials else "", details)
         note = await _unless_stopped(service.warm_up, stop)
         if note is not _STOPPED:
             # What exists now (numba's kernels, torch, the models, grpc) lives as long as

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 
 from stealguard.server.config import Config
@@ -43,6 +42,8 @@ class Proxy(lifecycle.Service):
         self._reload = reload
         self.reloadable = reload is not None
         self.watcher: asyncio.Task | None = None
+        self.core = proxy.core
+        self.draining = DRAINING
 
     def warm_up(self) -> str:
         return f"kernels warm in {warm_up():.2f}s"
@@ -53,7 +54,7 @@ class Proxy(lifecycle.Service):
             watch_upstream(app, self.proxy, self.health_interval))
 
     def drain(self) -> None:
-        self.proxy.core.refuse(DRAINING)
+        super().drain()
         if self.watcher is not None:
             self.watcher.cancel()
 
@@ -89,14 +90,11 @@ async def run_proxy(config: Config, *, reuse_port: bool = False, health_interval
     proxy = PROTOCOLS[config.protocol](upstream, policies, core, app.identity)
     proxy.add_to(app.server)
 
-    def describe(port: int) -> str:
-        host = config.listen.rsplit(":", 1)[0]
-        return (f"proxy ({config.protocol}) listening on {host}:{port} (pid {os.getpid()})"
-                f"{' with TLS' if app.credentials else ''} for upstream {config.upstream}"
-                f"{' over TLS' if credentials else ''}, policies: {_names(policies)}")
-
     serve_metrics(config.metrics_port, log)
-    await lifecycle.run(app, Proxy(config, proxy, upstream, health_interval, reload), describe)
+    await lifecycle.run(app, Proxy(config, proxy, upstream, health_interval, reload),
+                        name=f"proxy ({config.protocol})",
+                        details=f" for upstream {config.upstream}"
+                        f"{' over TLS' if credentials else ''}, policies: {_names(policies)}")
 
 
 def _names(policies: ProxyPolicies) -> str:
