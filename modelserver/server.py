@@ -21,7 +21,7 @@ from stealguard.modelserver.metrics import Recorder
 from stealguard.modelserver.servicer import InferenceServicer
 from stealguard.modelserver.store import ensure_default_models, read_store
 from stealguard.server.core import ProtectCore
-from stealguard.server.metering.settings import meter_of
+from stealguard.server.metering.settings import meter_of, stream_guard
 from stealguard.server.platform import lifecycle
 from stealguard.server.platform import metrics as platform_metrics
 from stealguard.server.platform.app import GrpcApp
@@ -101,7 +101,8 @@ async def run_modelserver(config: ServerConfig) -> None:
         models = Models(specs, sidecar, executor, config.max_batch, recorder, core)
         app = GrpcApp.from_settings(config, [INFERENCE_SERVICE], logger=log)
         add_lenient(inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server,
-                    InferenceServicer(models, recorder, app.identity), app.server)
+                    InferenceServicer(models, recorder, app.identity,
+                                      stream_guard(config, core)), app.server)
 
         details = (f"{' and client certificates' if config.tls_ca else ''}, sidecar "
                    f"{config.sidecar} ({config.sidecar_transport})"

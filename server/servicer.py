@@ -18,9 +18,8 @@ from stealguard.server import metrics
 from stealguard.server.codec import tensor_to_flat, write_tensor
 from stealguard.server.core import ANONYMOUS, ProtectCore
 from stealguard.server.errors import Unavailable
-from stealguard.server.metering.inflight import Slots, StreamIdle
+from stealguard.server.metering.inflight import Slots, StreamGuard, StreamIdle
 from stealguard.server.metering.meter import ADMISSION
-from stealguard.server.metering.settings import STREAM_OPEN_ROWS
 from stealguard.server.platform.identity import Identity
 from stealguard.server.platform.status import grpc_status, status_message
 from stealguard.v1 import defense_pb2, defense_pb2_grpc
@@ -36,14 +35,15 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
 
     def __init__(self, core: ProtectCore, identity: Identity | None = None, *,
                  with_metrics: bool = False, slots: Slots | None = None,
-                 stream_idle_timeout: float = 0.0):
+                 streams: StreamGuard | None = None):
         self.core = core
         self.identity = identity or Identity()
         self.with_metrics = with_metrics
         # per-principal caps on calls and streams in flight (stealguard.server.metering)
         self.slots = slots if slots is not None and (slots.max_calls or slots.max_streams) \
             else None
-        self.stream_idle_timeout = stream_idle_timeout
+        # a request stream's slot, opening charge and idle timeout (per principal)
+        self.streams = streams or StreamGuard()
         self.in_flight = 0  # handlers running now (what a drain waits for)
         self._idle_streams: set[asyncio.Task] = set()  # streams waiting for a message
 
@@ -115,22 +115,14 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
         return response
 
     async def _open_stream(self, context):
-        """The caller of a new request stream, its slot taken and its opening charged
-        (one row), or the call ended with the refusal."""
+        """The caller of a new request stream and its principal, its slot taken and its
+        opening charged (`StreamGuard`), or the call ended with the refusal."""
         caller = self._caller(context)
         if caller is None:
             return None, ANONYMOUS
         principal = self.identity.end_principal(caller, "")
         try:
-            if self.slots is not None:
-                self.slots.enter(principal, True)
-            try:
-                if self.core.limiter is not None:
-                    await self.core.limiter.admit(principal, STREAM_OPEN_ROWS)
-            except BaseException:
-                if self.slots is not None:
-                    self.slots.leave(principal, True)
-                raise
+            await self.streams.open(principal)
         except Exception as error:  # noqa: BLE001
             status = grpc_status(error)
             self._count("PerturbStream", "-", status.code)
@@ -145,17 +137,8 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
         status, or with `keep_stream_on_error` gets a reply carrying that status and the
         stream goes on. A drain ends the stream, at once if it waits for its next message."""
         task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        requests = request_iterator.__aiter__()
+        requests = self.streams.messages(request_iterator)
         caller, opener = await self._open_stream(context)
-        idle = self.stream_idle_timeout
-        timed_out = False
-
-        def time_out() -> None:
-            nonlocal timed_out
-            timed_out = True
-            task.cancel()
-
         index = 0
         self.in_flight += 1
         try:
@@ -163,21 +146,18 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
                 if self.core.unavailable is not None:  # draining began while it was busy
                     await context.abort(grpc.StatusCode.UNAVAILABLE, self.core.unavailable)
                 self._idle_streams.add(task)
-                timer = loop.call_later(idle, time_out) if idle > 0 else None
                 try:
                     request = await requests.__anext__()
                 except StopAsyncIteration:
                     return
+                except StreamIdle as idle:
+                    status = grpc_status(idle)
+                    await context.abort(status.code, status.message)
                 except asyncio.CancelledError:
-                    if timed_out:
-                        status = grpc_status(StreamIdle(idle))
-                        await context.abort(status.code, status.message)
                     if self.core.unavailable is None:
                         raise
                     await context.abort(grpc.StatusCode.UNAVAILABLE, self.core.unavailable)
                 finally:
-                    if timer is not None:
-                        timer.cancel()
                     self._idle_streams.discard(task)
                 try:
                     principal = opener if not request.principal else \
@@ -198,8 +178,8 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
                 index += 1
         finally:
             self.in_flight -= 1
-            if self.slots is not None and caller is not None:
-                self.slots.leave(opener, True)
+            if caller is not None:
+                self.streams.close(opener)
 
     async def ListPolicies(self, request, context):
         return defense_pb2.ListPoliciesResponse(

@@ -13,7 +13,7 @@ from stealguard.server.config import Config
 from stealguard.server.core import ProtectCore
 from stealguard.server.defenses import warm_up
 from stealguard.server.metering.inflight import Slots
-from stealguard.server.metering.settings import meter_of
+from stealguard.server.metering.settings import meter_of, stream_guard
 from stealguard.server.metrics import MetricsObserver
 from stealguard.server.platform import lifecycle
 from stealguard.server.platform.app import GrpcApp
@@ -97,7 +97,7 @@ async def run_sidecar(config: Config, *, reuse_port: bool = False,
     servicer = DefenseServicer(
         core, app.identity, with_metrics=bool(config.metrics_port),
         slots=Slots(config.max_calls_per_principal, config.max_streams_per_principal),
-        stream_idle_timeout=config.stream_idle_timeout)
+        streams=stream_guard(config, core))
     add_lenient(defense_pb2_grpc.add_DefenseServicer_to_server, servicer, app.server)
 
     serve_metrics(config.metrics_port, log)

@@ -226,3 +226,27 @@ def test_the_model_server_forwards_each_end_client_to_be_charged_once(valkey, tm
     # model server pays the one row of opening its shared stream
     assert {u["principal"]: u["rows"] for u in json.loads(usage.stdout)} == \
         {"alice": 6, "bob": 3, "modelserver": 1}
+
+
+def test_a_silent_request_stream_is_ended_after_the_idle_timeout():
+    process, address = start_sidecar("--stream-idle-timeout", "0.5")
+    release = threading.Event()
+
+    def one_then_silence():
+        yield request()
+        release.wait(30)
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            replies = defense_pb2_grpc.DefenseStub(channel).PerturbStream(
+                one_then_silence(), timeout=30)
+            answered = []
+            with pytest.raises(grpc.RpcError) as ended:
+                for reply in replies:
+                    answered.append(reply)
+            release.set()
+    finally:
+        process.stop()
+    assert len(answered) == 1
+    assert ended.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "no message for 0.5 s (--stream-idle-timeout)" in ended.value.details()

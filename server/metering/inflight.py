@@ -3,11 +3,14 @@
 gRPC's `max_in_flight` is one pool for everyone: a principal holding idle request
 streams could take every slot. `Slots` gives each principal at most `max_calls` unary
 calls and `max_streams` request streams at once (0: no cap), so one principal cannot
-exhaust the slots of all others. A request stream that sends nothing for the idle timeout
-is ended with `StreamIdle` (server/servicer.py).
+exhaust the slots of all others. `StreamGuard` is what a request stream costs: its slot,
+one row for opening it, and `StreamIdle` when it sends nothing for the idle timeout.
 """
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
 
 from stealguard.server.errors import Exhausted
 
@@ -65,3 +68,55 @@ class Slots:
 
     def held(self, principal: str, stream: bool) -> int:
         return self._held.get((principal, stream), 0)
+
+
+class StreamGuard:
+    """What a request stream costs its principal, for every servicer that serves one: a
+    stream slot (`Slots`), one row of its limiter for opening it, and the idle timeout.
+
+        await guard.open(principal)          # raises the refusal (Exhausted, Unavailable)
+        try:
+            async for message in guard.messages(request_iterator): ...   # StreamIdle
+        finally:
+            guard.close(principal)
+    """
+
+    def __init__(self, slots: Slots | None = None, limiter=None, idle_timeout: float = 0.0):
+        self.slots = slots if slots is not None and slots.max_streams else None
+        self.limiter = limiter
+        self.idle_timeout = idle_timeout
+
+    async def open(self, principal: str) -> None:
+        """Take `principal`'s stream slot and charge the opening (STREAM_OPEN_ROWS)."""
+        from stealguard.server.metering.settings import STREAM_OPEN_ROWS
+
+        if self.slots is not None:
+            self.slots.enter(principal, True)
+        try:
+            if self.limiter is not None:
+                await self.limiter.admit(principal, STREAM_OPEN_ROWS)
+        except BaseException:
+            self.close(principal)
+            raise
+
+    def close(self, principal: str) -> None:
+        """Give the slot back (after `open` succeeded)."""
+        if self.slots is not None:
+            self.slots.leave(principal, True)
+
+    async def messages(self, requests: AsyncIterator) -> AsyncIterator:
+        """The messages of `requests`; StreamIdle when the next one takes longer than the
+        idle timeout (a timer, no task per message)."""
+        iterator = requests.__aiter__()
+        while True:
+            try:
+                if self.idle_timeout > 0:
+                    async with asyncio.timeout(self.idle_timeout):
+                        message = await iterator.__anext__()
+                else:
+                    message = await iterator.__anext__()
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise StreamIdle(self.idle_timeout) from None
+            yield message

@@ -49,6 +49,15 @@ def meter_of(settings):
     return Meter(limits, open_store(settings.store), failure=settings.store_failure)
 
 
+def stream_guard(settings, core):
+    """The `StreamGuard` of a server's settings over `core`'s limiter."""
+    from stealguard.server.metering.inflight import Slots, StreamGuard
+
+    return StreamGuard(Slots(settings.max_calls_per_principal,
+                             settings.max_streams_per_principal),
+                       core.limiter, settings.stream_idle_timeout)
+
+
 def add_metering_flags(parser: argparse.ArgumentParser) -> None:
     """The metering flags, the same on the sidecar, the proxy and the model server
     (values are read by the settings loader, which knows their kinds)."""

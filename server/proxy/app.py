@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from stealguard.server.config import Config
 from stealguard.server.defenses import warm_up
+from stealguard.server.metering.settings import stream_guard
 from stealguard.server.platform import lifecycle
 from stealguard.server.platform.app import GrpcApp
 from stealguard.server.platform.metrics import serve_metrics
@@ -87,7 +88,8 @@ async def run_proxy(config: Config, *, reuse_port: bool = False, health_interval
     core.refuse(WARMING_UP)
     app = GrpcApp.from_settings(config, [PROTOCOLS[config.protocol].service],
                                 reuse_port=reuse_port, logger=log)
-    proxy = PROTOCOLS[config.protocol](upstream, policies, core, app.identity)
+    proxy = PROTOCOLS[config.protocol](upstream, policies, core, app.identity,
+                                       stream_guard(config, core))
     proxy.add_to(app.server)
 
     serve_metrics(config.metrics_port, log)

@@ -64,14 +64,19 @@ class TorchServeProxy(ProxyServicer, inference_pb2_grpc.InferenceAPIsServiceServ
     async def StreamPredictions2(self, request_iterator, context):
         models: deque[str] = deque()
         model = ""
+        principal = self.identity.of(context)
+        await self.streams.open(principal)  # its slot, one row, the idle timeout
 
         async def requests() -> AsyncIterator[inference_pb2.PredictionsRequest]:
-            async for request in request_iterator:
+            async for request in self.streams.messages(request_iterator):
                 models.append(request.model_name)
                 yield request
 
-        async for response in self.upstream.stream(self.stub.StreamPredictions2, requests(),
-                                                    context):
-            if models:
-                model = models.popleft()
-            yield await self._protect(response, self.policy(model), model, context)
+        try:
+            async for response in self.upstream.stream(self.stub.StreamPredictions2,
+                                                        requests(), context):
+                if models:
+                    model = models.popleft()
+                yield await self._protect(response, self.policy(model), model, context)
+        finally:
+            self.streams.close(principal)
