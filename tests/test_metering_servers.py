@@ -250,3 +250,43 @@ def test_a_silent_request_stream_is_ended_after_the_idle_timeout():
     assert len(answered) == 1
     assert ended.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "no message for 0.5 s (--stream-idle-timeout)" in ended.value.details()
+
+
+def test_the_model_server_charges_images_to_one_principal_whatever_its_client_header(
+        tmp_path):
+    from _modelserver_helpers import (
+        STARTUP_TIMEOUT,
+        TorchServeClient,
+        mnist_test_images,
+        npy_bytes,
+        start_modelserver,
+    )
+    from stealguard.modelserver.training import trained_model
+
+    trained_model()
+    # mnist-open never calls the sidecar: the model server's own meter is what counts
+    modelserver, address = start_modelserver(f"127.0.0.1:{free_port()}", tmp_path / "store",
+                                             "--quota", "1030/1h", "--metrics-port", "0")
+    images = mnist_test_images(1000)  # the held-out test set has 1,000: 24 twice
+    one, batch = npy_bytes(images[:1]), npy_bytes(np.concatenate([images, images[:24]]))
+    try:
+        modelserver.wait_healthy(address, timeout=STARTUP_TIMEOUT)
+        client = TorchServeClient(address)
+
+        def predict(data, i):
+            try:
+                client.stub.Predictions(client.request("mnist-open", data), timeout=60,
+                                        metadata=[("x-client-id", f"rotating-{i}")])
+                return grpc.StatusCode.OK
+            except grpc.RpcError as error:
+                return error.code()
+
+        singles = [predict(one, i) for i in range(6)]
+        big = predict(batch, 6)
+        after = predict(one, 7)
+        client.close()
+    finally:
+        modelserver.stop()
+    assert singles == [grpc.StatusCode.OK] * 6
+    assert big is grpc.StatusCode.OK  # 1,024 images: 6 + 1,024 = the quota
+    assert after is grpc.StatusCode.RESOURCE_EXHAUSTED
