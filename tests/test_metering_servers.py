@@ -290,3 +290,60 @@ def test_the_model_server_charges_images_to_one_principal_whatever_its_client_he
     assert singles == [grpc.StatusCode.OK] * 6
     assert big is grpc.StatusCode.OK  # 1,024 images: 6 + 1,024 = the quota
     assert after is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_the_proxy_meters_one_principal_and_caps_an_idle_stream_hog(tmp_path):
+    from _proxy_helpers import digits_samples, npy, start_proxy, start_upstream
+    from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:alice-secret\nhog:hog-secret\nhonest:honest-secret\n")
+    config = tmp_path / "proxy.yaml"
+    # 5 rows at once, then one per 100 s: no refill during the test
+    config.write_text(f"token_file: {tokens}\nrate_limit: 0.01\nrate_burst: 5\n"
+                      "max_streams_per_principal: 2\nmax_in_flight: 32\npolicies:\n"
+                      "  default: {defense: reverse_sigmoid}\n")
+    upstream, upstream_address = start_upstream("torchserve")
+    proxy, address = start_proxy("torchserve", upstream_address, str(config))
+    sample = inference_pb2.PredictionsRequest(model_name="digits",
+                                              input={"data": npy(digits_samples(1)[0])})
+    channel = grpc.insecure_channel(address)
+    stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+    release = threading.Event()
+    streams = []
+
+    def predict(token, i=0):
+        try:
+            stub.Predictions(sample, timeout=30, metadata=[
+                ("authorization", f"Bearer {token}"), ("x-client-id", f"rotating-{i}")])
+            return "OK"
+        except grpc.RpcError as error:
+            return error.code().name
+
+    def silent():
+        release.wait(30)
+        return
+        yield
+
+    try:
+        rotating = [predict("alice-secret", i) for i in range(10)]
+        for _ in range(40):  # more than max_in_flight
+            streams.append(stub.StreamPredictions2(
+                silent(), metadata=[("authorization", "Bearer hog-secret")]))
+        honest = [predict("honest-secret") for _ in range(3)]
+        for _ in range(300):
+            ended = [s for s in streams if s.done()]
+            if len(ended) >= 38:
+                break
+            threading.Event().wait(0.1)
+        refused = sum(1 for s in ended if s.code() is grpc.StatusCode.RESOURCE_EXHAUSTED)
+    finally:
+        release.set()
+        for stream in streams:
+            stream.cancel()
+        channel.close()
+        proxy.stop()
+        upstream.stop()
+    assert rotating == ["OK"] * 5 + ["RESOURCE_EXHAUSTED"] * 5
+    assert honest == ["OK"] * 3
+    assert refused == 38  # all but the hog's 2
