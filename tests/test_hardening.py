@@ -69,8 +69,8 @@ def guarded(pki, tmp_path_factory):
     process, _ = start_sidecar(
         "--tls-cert", pki.path("server.pem"), "--tls-key", pki.path("server.key"),
         "--tls-ca", pki.path("ca.pem"), "--token-file", str(tokens),
-        # rows: 4/s, 7 at once = opening a stream (1) and three calls of ROWS (2 rows each)
-        "--rate-limit", "4", "--rate-burst", "7", "--metrics-port", str(metrics_port),
+        # rows: 2/s, 7 at once = opening a stream (1) and three calls of ROWS (2 rows each)
+        "--rate-limit", "2", "--rate-burst", "7", "--metrics-port", str(metrics_port),
         port=port, wait=False)
     mtls = channel_credentials(pki.path("ca.pem"), pki.path("client.pem"), pki.path("client.key"))
     wait_tls_healthy(process, address, mtls)
@@ -113,14 +113,14 @@ def test_rate_limit_per_client_is_resource_exhausted(guarded):
     address, mtls, _ = guarded
     client = DefenseClient(address, timeout=10, credentials=mtls, token="s3cret-limited")
     codes = []
-    for _ in range(6):  # 2 rows each, burst 7, 4/s: the 4th to 6th in a quick row are refused
+    for _ in range(6):  # 2 rows each, burst 7, 2/s: the 4th to 6th in a quick row are refused
         try:
             client.perturb(ROWS)
             codes.append("OK")
         except SidecarError as error:
             codes.append(error.code.name)
             assert ("principal 'limited' is over its limit for a call of 2 rows: "
-                    "rate 4 rows/s (burst 7)") in error.details
+                    "rate 2 rows/s (burst 7)") in error.details
     assert codes[:3] == ["OK"] * 3 and "RESOURCE_EXHAUSTED" in codes[3:]
     # another client is not affected
     other = DefenseClient(address, timeout=10, credentials=mtls, token="s3cret-shop")
