@@ -11,9 +11,19 @@ import threading
 import grpc
 import numpy as np
 import pytest
+from _modelserver_helpers import (
+    STARTUP_TIMEOUT,
+    TorchServeClient,
+    mnist_test_images,
+    npy_bytes,
+    start_modelserver,
+)
 from _procs import free_port, script, start_sidecar
+from _proxy_helpers import digits_samples, npy, start_proxy, start_upstream
 from _status_details import details_of
 from _valkey import Valkey
+from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc
+from stealguard.modelserver.training import trained_model
 from stealguard.server.codec import array_to_tensor
 from stealguard.v1 import defense_pb2, defense_pb2_grpc
 
@@ -40,6 +50,17 @@ def valkey(tmp_path):
     server = Valkey(tmp_path / "valkey").start()
     yield server
     server.stop()
+
+
+def refused_streams(streams, expected: int) -> int:
+    """How many of `streams` ended RESOURCE_EXHAUSTED, once `expected` of them ended (the
+    refusals come back at once, as each stream opens; 30 s at most)."""
+    for _ in range(300):
+        ended = [s for s in streams if s.done()]
+        if len(ended) >= expected:
+            break
+        threading.Event().wait(0.1)
+    return sum(1 for s in ended if s.code() is grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 def metered(valkey, *flags):
@@ -169,12 +190,7 @@ def test_an_idle_stream_hog_cannot_starve_honest_callers(tmp_path):
                 silent(), metadata=[("authorization", "Bearer hog-secret")]))
         honest = [call(address, metadata=[("authorization", "Bearer honest-secret")])[0]
                   for _ in range(20)]
-        for _ in range(300):  # refusals come back at once, as each stream opens
-            ended = [s for s in streams if s.done()]
-            if len(ended) >= 96:
-                break
-            threading.Event().wait(0.1)
-        refused = sum(1 for s in ended if s.code() is grpc.StatusCode.RESOURCE_EXHAUSTED)
+        refused = refused_streams(streams, expected=96)
     finally:
         idle.set()
         for stream in streams:
@@ -186,15 +202,6 @@ def test_an_idle_stream_hog_cannot_starve_honest_callers(tmp_path):
 
 
 def test_the_model_server_forwards_each_end_client_to_be_charged_once(valkey, tmp_path):
-    from _modelserver_helpers import (
-        STARTUP_TIMEOUT,
-        TorchServeClient,
-        mnist_test_images,
-        npy_bytes,
-        start_modelserver,
-    )
-    from stealguard.modelserver.training import trained_model
-
     trained_model()
     sidecar_tokens = tmp_path / "sidecar-tokens"
     sidecar_tokens.write_text("modelserver:ms-secret:gateway\n")
@@ -254,15 +261,6 @@ def test_a_silent_request_stream_is_ended_after_the_idle_timeout():
 
 def test_the_model_server_charges_images_to_one_principal_whatever_its_client_header(
         tmp_path):
-    from _modelserver_helpers import (
-        STARTUP_TIMEOUT,
-        TorchServeClient,
-        mnist_test_images,
-        npy_bytes,
-        start_modelserver,
-    )
-    from stealguard.modelserver.training import trained_model
-
     trained_model()
     # mnist-open never calls the sidecar: the model server's own meter is what counts
     modelserver, address = start_modelserver(f"127.0.0.1:{free_port()}", tmp_path / "store",
@@ -293,9 +291,6 @@ def test_the_model_server_charges_images_to_one_principal_whatever_its_client_he
 
 
 def test_the_proxy_meters_one_principal_and_caps_an_idle_stream_hog(tmp_path):
-    from _proxy_helpers import digits_samples, npy, start_proxy, start_upstream
-    from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc
-
     tokens = tmp_path / "tokens"
     tokens.write_text("alice:alice-secret\nhog:hog-secret\nhonest:honest-secret\n")
     config = tmp_path / "proxy.yaml"
@@ -331,12 +326,7 @@ def test_the_proxy_meters_one_principal_and_caps_an_idle_stream_hog(tmp_path):
             streams.append(stub.StreamPredictions2(
                 silent(), metadata=[("authorization", "Bearer hog-secret")]))
         honest = [predict("honest-secret") for _ in range(3)]
-        for _ in range(300):
-            ended = [s for s in streams if s.done()]
-            if len(ended) >= 38:
-                break
-            threading.Event().wait(0.1)
-        refused = sum(1 for s in ended if s.code() is grpc.StatusCode.RESOURCE_EXHAUSTED)
+        refused = refused_streams(streams, expected=38)
     finally:
         release.set()
         for stream in streams:
