@@ -337,3 +337,34 @@ def test_the_proxy_meters_one_principal_and_caps_an_idle_stream_hog(tmp_path):
     assert rotating == ["OK"] * 5 + ["RESOURCE_EXHAUSTED"] * 5
     assert honest == ["OK"] * 3
     assert refused == 38  # all but the hog's 2
+
+
+def test_the_proxy_ends_a_silent_request_stream_after_the_idle_timeout(tmp_path):
+    config = tmp_path / "proxy.yaml"
+    config.write_text("stream_idle_timeout: 0.5\npolicies:\n"
+                      "  default: {defense: reverse_sigmoid}\n")
+    upstream, upstream_address = start_upstream("torchserve")
+    proxy, address = start_proxy("torchserve", upstream_address, str(config))
+    sample = inference_pb2.PredictionsRequest(model_name="digits",
+                                              input={"data": npy(digits_samples(1)[0])})
+    release = threading.Event()
+
+    def one_then_silence():
+        yield sample
+        release.wait(30)
+
+    answered = []
+    try:
+        with grpc.insecure_channel(address) as channel:
+            replies = inference_pb2_grpc.InferenceAPIsServiceStub(channel).StreamPredictions2(
+                one_then_silence(), timeout=30)
+            with pytest.raises(grpc.RpcError) as ended:
+                for reply in replies:
+                    answered.append(reply)
+            release.set()
+    finally:
+        proxy.stop()
+        upstream.stop()
+    assert len(answered) == 1
+    assert ended.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "(--stream-idle-timeout)" in ended.value.details()
