@@ -182,8 +182,8 @@ class ProtectCore:
                         exchange.limited = True
                     raise
             returned = chosen.perturb(rows, logits)
-            if inspect.isawaitable(returned):
-                returned = await returned
+            if returned.__class__ is not np.ndarray and inspect.isawaitable(returned):
+                returned = await returned  # a remote policy (the model server's sidecar call)
         except BaseException as error:
             if exchange is not None:
                 exchange.error = error

@@ -102,11 +102,16 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
                     self.slots.leave(principal, False)
         except Exception as error:  # noqa: BLE001 - every error becomes a status
             status = grpc_status(error)
+        else:
+            status = None
+        finally:
+            # before the abort: gRPC counts the call finished once its status is sent,
+            # so a drain may be over while an abort still waits to return
+            self.in_flight -= 1
+        if status is not None:
             self._count("Perturb", "-", status.code)
             await context.abort(status.code, status.message,
                                 trailing_metadata=tuple(status.trailing))
-        finally:
-            self.in_flight -= 1
         admission = ADMISSION.get()
         if admission is not None and admission.principal == principal:
             context.set_trailing_metadata(admission.metadata())  # who paid, what is left
@@ -141,22 +146,29 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
         caller, opener = await self._open_stream(context)
         index = 0
         self.in_flight += 1
+        counted = True
+
+        async def end(code, message, trailing=()) -> None:
+            nonlocal counted
+            counted = False  # not running any more once its status is sent (see Perturb)
+            self.in_flight -= 1
+            await context.abort(code, message, trailing_metadata=tuple(trailing))
+
         try:
             while True:
                 if self.core.unavailable is not None:  # draining began while it was busy
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, self.core.unavailable)
+                    await end(grpc.StatusCode.UNAVAILABLE, self.core.unavailable)
                 self._idle_streams.add(task)
                 try:
                     request = await requests.__anext__()
                 except StopAsyncIteration:
                     return
                 except StreamIdle as idle:
-                    status = grpc_status(idle)
-                    await context.abort(status.code, status.message)
+                    await end(*grpc_status(idle))
                 except asyncio.CancelledError:
                     if self.core.unavailable is None:
                         raise
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, self.core.unavailable)
+                    await end(grpc.StatusCode.UNAVAILABLE, self.core.unavailable)
                 finally:
                     self._idle_streams.discard(task)
                 try:
@@ -168,8 +180,7 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
                     self._count("PerturbStream", "-", status.code)
                     if status.code is grpc.StatusCode.UNAVAILABLE or not getattr(
                             request, "keep_stream_on_error", False):
-                        await context.abort(status.code, status.message,
-                                            trailing_metadata=tuple(status.trailing))
+                        await end(*status)
                     response = defense_pb2.PerturbResponse(
                         request_id=request.request_id, error=status_message(status))
                 else:
@@ -177,7 +188,8 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
                 yield response
                 index += 1
         finally:
-            self.in_flight -= 1
+            if counted:
+                self.in_flight -= 1
             if caller is not None:
                 self.streams.close(opener)
 

@@ -1,7 +1,8 @@
 """One lifecycle for every stealguard server (sidecar, proxy, model server):
 
     bind (NOT_SERVING) -> warm-up hook -> SERVING -> SIGTERM/SIGINT: drain -> stopped
-                                          SIGHUP: reload (a bad config keeps the old one)
+                                          SIGHUP: reload (a bad config keeps the old one;
+                                          a server with nothing to reload logs it)
 
 A server is a `Service` (override what it needs) run on a `GrpcApp` by `run`. The warm-up
 runs in a daemon thread, so a stop signal during a long compile still ends the process.
@@ -86,16 +87,18 @@ async def run(app: GrpcApp, service: Service, *, name: str = "", details: str = 
         port = await app.start()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        if service.reloadable:
-            def reload() -> None:
-                try:
-                    names = service.reload()
-                except (ConfigError, OSError) as error:
-                    app.log.error("SIGHUP: new config rejected, old policies stay: %s", error)
-                    return
-                app.log.info("SIGHUP: policies reloaded: %s", names)
+        def reload() -> None:
+            if not service.reloadable:  # logged, rather than SIGHUP's default: to exit
+                app.log.warning("SIGHUP: this server has nothing to reload")
+                return
+            try:
+                names = service.reload()
+            except (ConfigError, OSError) as error:
+                app.log.error("SIGHUP: new config rejected, old policies stay: %s", error)
+                return
+            app.log.info("SIGHUP: policies reloaded: %s", names)
 
-            loop.add_signal_handler(signal.SIGHUP, reload)
+        loop.add_signal_handler(signal.SIGHUP, reload)
         host = app.listen.rsplit(":", 1)[0]
         app.log.info("%slistening on %s:%d (pid %d)%s%s", f"{name} " if name else "", host,
                      port, os.getpid(), " with TLS" if app.credentials else "", details)
