@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -52,6 +53,23 @@ def valkey(tmp_path):
     server.stop()
 
 
+def wait_serving(channel, timeout: float = 300.0) -> None:
+    """Wait until the process behind this channel's connection is SERVING (with
+    --workers, the worker it reached may still be warming up when another one serves)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub, deadline = health_pb2_grpc.HealthStub(channel), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                    health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError("not SERVING")
+
+
 def refused_streams(streams, expected: int) -> int:
     """How many of `streams` ended RESOURCE_EXHAUSTED, once `expected` of them ended (the
     refusals come back at once, as each stream opens; 30 s at most)."""
@@ -77,6 +95,8 @@ def test_one_principal_across_two_sidecars_and_two_workers_gets_its_quota_once(v
     workers, c = start_sidecar(*flags, "--workers", "2", port=port)
     try:
         channels = [grpc.insecure_channel(x) for x in (a, b, c, c, c)]
+        for channel in channels:  # each connection reaches one worker: wait for that one
+            wait_serving(channel)
         admitted = refused = 0
         for i in range(400):
             stub = defense_pb2_grpc.DefenseStub(channels[i % len(channels)])
