@@ -3,7 +3,9 @@
     stealguard-attack experiment --dataset mnist|digits|iris --out DIR [--quick]
     stealguard-attack calibrate  --dataset mnist [--model-store DIR --model NAME] [--quick]
     stealguard-attack run --target HOST:PORT --model mnist --model mnist-open \\
-        --strategy sample --budget 250,500,1000 --out DIR [--baseline-model mnist-open]
+        --strategy sample --budget 250,500,1000 --out DIR [--baseline-model mnist-open] \
+        [--policies-from SIDECAR --policy mnist-open=none]   # for closed-form, learned ...
+    stealguard-attack contract --dataset mnist --out DIR [--budgets 50,1000] [--quick]
 
 Bad input (unknown dataset, strategy or model, unreachable target, a budget that is not a
 positive integer) ends with a one-line error and a non-zero exit status.
@@ -20,7 +22,10 @@ from pathlib import Path
 
 from stealguard.attacks.datasets import DATASET_NAMES
 
-RUN_STRATEGIES = ("sample", "argmax", "random", "jacobian", "same-layer", "mse")
+RUN_STRATEGIES = ("sample", "argmax", "random", "jacobian", "same-layer", "mse",
+                  "label-smoothed", "argmax-rounded", "contract-floor", "closed-form",
+                  "estimated", "learned")
+KNOWS_THE_DEFENSE = ("closed-form", "estimated", "learned")
 
 
 class UsageError(Exception):
@@ -70,6 +75,13 @@ def strategy_names(text: str) -> list[str]:
     return names
 
 
+def model_policy(text: str) -> tuple[str, str]:
+    model, sep, policy = text.partition("=")
+    if not sep or not model or not policy:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MODEL=POLICY (e.g. mnist-open=none)")
+    return model, policy
+
+
 def threads(text: str) -> int:
     try:
         value = int(text)
@@ -107,6 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--quick", action="store_true")
     cal.add_argument("--seed", type=int, default=0)
 
+    con = sub.add_parser("contract", help="the utility contract and the Kerckhoffs attacker: "
+                         "every attack against the default and the paper's defense, floors, "
+                         "frontier (appends to OUT/contract-runs.jsonl, then renders)")
+    con.add_argument("--dataset", type=dataset_name, required=True)
+    con.add_argument("--out", type=Path, required=True, help="directory for the results")
+    con.add_argument("--budgets", type=budgets, default=None,
+                     help="only these of the profile's budgets (to split the work between "
+                          "processes sharing --out)")
+    con.add_argument("--no-frontier", action="store_true", help="skip the frontier runs")
+    con.add_argument("--render-only", action="store_true",
+                     help="render what OUT/contract-runs.jsonl holds, run nothing")
+    con.add_argument("--quick", action="store_true", help="tiny budgets (for tests)")
+    con.add_argument("--seed", type=int, default=0)
+
     run = sub.add_parser("run", help="attack models through a live TorchServe gRPC endpoint")
     run.add_argument("--target", required=True, help="HOST:PORT of the model server or proxy")
     run.add_argument("--model", action="append", required=True,
@@ -123,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--architecture", default="allconv", help="the stolen model's")
     run.add_argument("--beta", type=float, default=None, help="for same-layer (defense-aware)")
     run.add_argument("--gamma", type=float, default=None, help="for same-layer (defense-aware)")
+    run.add_argument("--policies-from", default=None, metavar="HOST:PORT",
+                     help="the sidecar whose ListPolicies tells the formula-aware strategies "
+                          f"({', '.join(KNOWS_THE_DEFENSE)}) each model's defense and "
+                          "published parameters (Kerckhoffs: known to any caller)")
+    run.add_argument("--policy", action="append", default=[], type=model_policy,
+                     metavar="MODEL=POLICY", help="the sidecar policy that protects MODEL "
+                     "(default: the policy of its name, else 'default'; 'none': unprotected)")
     run.add_argument("--timeout", type=float, default=30.0,
                      help="seconds to connect and per request of 100 inputs (default 30)")
     run.add_argument("--quick", action="store_true", help="short training (for tests)")
@@ -186,6 +219,29 @@ def cmd_experiment(args) -> int:
         print(f"[{status}] {t['target']}: {t['measured']}")
     print(f"wrote {args.out}/results.json, report.md, fig4_agreement.png, "
           f"fig1_reverse_sigmoid.png ({meta['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_contract(args) -> int:
+    from stealguard.attacks import contract, experiment
+    from stealguard.attacks.datasets import load_dataset
+
+    started = time.perf_counter()
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    ds = load_dataset(args.dataset, seed=args.seed)
+    profile = contract.QUICK if args.quick else contract.FULL
+    unknown = sorted(set(args.budgets or ()) - set(profile.budgets))
+    if unknown:
+        raise UsageError(f"--budgets: {unknown[0]} is not a budget of this profile "
+                         f"({', '.join(map(str, profile.budgets))})")
+    model, info = experiment.base_model(args.dataset, seed=args.seed, log=log)
+    if not args.render_only:
+        contract.run_contract(ds, model, args.out, profile, args.budgets,
+                              frontier=not args.no_frontier, log=log)
+    meta = {**_meta(args, started), "dataset": args.dataset, "base": info,
+            "profile": "quick" if args.quick else "full"}
+    summary = contract.render(args.out, meta)
+    print(summary)
     return 0
 
 
@@ -253,12 +309,19 @@ def cmd_run(args) -> int:
     if args.architecture not in ARCHITECTURE_NAMES:
         raise UsageError(f"--architecture: unknown {args.architecture!r}; choose one of "
                          f"{', '.join(ARCHITECTURE_NAMES)}")
+    aware = sorted(set(strategies) & set(KNOWS_THE_DEFENSE))
+    if aware and not args.policies_from:
+        raise UsageError(f"--strategy {aware[0]} knows the defense: give --policies-from "
+                         "HOST:PORT (the sidecar whose ListPolicies publishes it)")
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    published = (remote.published_policies(args.policies_from, args.model,
+                                           dict(args.policy), timeout=args.timeout)
+                 if args.policies_from else None)
     result = remote.run_remote(
         target=args.target, models=args.model, strategies=strategies, budgets=args.budget,
         baseline_model=args.baseline_model, dataset=args.dataset,
         architecture=args.architecture, beta=args.beta, gamma=args.gamma,
-        timeout=args.timeout, quick=args.quick, seed=args.seed, log=log)
+        timeout=args.timeout, quick=args.quick, seed=args.seed, published=published, log=log)
     result["meta"] = _meta(args, started)
     remote.write_outputs(result, args.out)
     print(remote.render_table(result))
@@ -266,7 +329,8 @@ def cmd_run(args) -> int:
     return 0
 
 
-COMMANDS = {"experiment": cmd_experiment, "calibrate": cmd_calibrate, "run": cmd_run}
+COMMANDS = {"experiment": cmd_experiment, "contract": cmd_contract, "calibrate": cmd_calibrate,
+            "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,9 +5,13 @@ the base model's answers on the held-out test inputs, which come from an unprote
 on the same server (`--baseline-model`, default mnist-open); those scoring queries are not
 part of any attack's budget. For each attacked model the report gives:
   - agreement of each stolen model with the base model (per strategy and budget), and
-  - the attacked model's own top-1 agreement with the base model on the test inputs
-    (1.00 expected for stealguard's Reverse Sigmoid with preserve_top1), with the cosine,
-    MAE and KL distances of its answers from the base model's.
+  - the attacked model's own top-1 agreement with the base model on the test inputs, with
+    the cosine, MAE and KL distances of its answers from the base model's, and the utility
+    contract's figures (`contract.utility`: label kept through rounding and float32,
+    confidence order) as an honest caller of that model sees them.
+Formula-aware strategies (closed-form, estimated, learned) know the defense and its
+published parameters: `published` maps each model to (defense name, parameters), read from
+the sidecar's ListPolicies by `published_policies`.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from stealguard.attacks.contract import runner_up, utility
 from stealguard.attacks.datasets import load_dataset
 from stealguard.attacks.experiment import profile_for
-from stealguard.attacks.metrics import accuracy, agreement, distortion
-from stealguard.attacks.oracles import RemoteOracle
+from stealguard.attacks.kerckhoffs import constructor_params
+from stealguard.attacks.metrics import accuracy, agreement, distortion, kl
+from stealguard.attacks.oracles import OracleError, RemoteOracle
 from stealguard.attacks.strategies import STRATEGIES, Attacker
 from stealguard.attacks.training import predict
 
@@ -30,10 +36,61 @@ def _answers(target: str, model: str, x, timeout: float):
         return oracle.query(x)
 
 
+KNOWS_THE_DEFENSE = ("closed-form", "estimated", "learned")
+
+
+def published_policies(sidecar: str, models: list[str], mapping: dict[str, str],
+                       timeout: float = 10.0) -> dict[str, tuple[str, dict]]:
+    """{model: (defense, published parameters)} from the sidecar's ListPolicies.
+
+    A model's policy is `mapping[model]`, else the policy of the model's name, else
+    `default`; the policy name `none` means the model is not protected.
+    """
+    import grpc
+    from stealguard.v1 import defense_pb2, defense_pb2_grpc
+
+    with grpc.insecure_channel(sidecar) as channel:
+        try:
+            reply = defense_pb2_grpc.DefenseStub(channel).ListPolicies(
+                defense_pb2.ListPoliciesRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            raise OracleError(f"--policies-from {sidecar}: ListPolicies answered "
+                              f"{e.code().name}: {e.details()}") from None
+    policies = {p.name: (p.defense, dict(p.params)) for p in reply.policies}
+    out = {}
+    for model in models:
+        name = mapping.get(model, model if model in policies else "default")
+        if name == "none":
+            out[model] = ("none", {})
+        elif name in policies:
+            out[model] = policies[name]
+        else:
+            raise OracleError(f"--policy {model}={name}: the sidecar at {sidecar} has no "
+                              f"policy {name!r} (it has {', '.join(sorted(policies))})")
+    return out
+
+
+def _options(strategy: str, published: tuple[str, dict] | None, beta, gamma,
+             quick: bool) -> dict:
+    if strategy == "same-layer":
+        return {"beta": beta, "gamma": gamma}
+    if strategy not in KNOWS_THE_DEFENSE:
+        return {}
+    defense, params = published or ("none", {})
+    params = constructor_params(defense, params)
+    if strategy == "estimated":
+        return {"defense": defense}
+    if strategy == "closed-form":
+        return {"defense": defense, "params": params}
+    sizes = {"pairs": 200, "steps": 100} if quick else {}
+    return {"defense": defense, "params": params, **sizes}
+
+
 def run_remote(*, target: str, models: list[str], strategies: list[str], budgets: list[int],
                baseline_model: str, dataset: str = "mnist", architecture: str = "allconv",
                beta: float | None = None, gamma: float | None = None, timeout: float = 30.0,
                quick: bool = False, seed: int = 0,
+               published: dict[str, tuple[str, dict]] | None = None,
                log: Callable[[str], None] = print) -> dict:
     """Attack every model in `models` with every strategy at every budget. Raises
     OracleError (unreachable target, unknown model) before any attack starts."""
@@ -52,9 +109,11 @@ def run_remote(*, target: str, models: list[str], strategies: list[str], budgets
     for name in models:
         effect = distortion(answers[name], base)
         entry = {"protected_agreement": effect.pop("protected_agreement"), **effect,
-                 "protected_accuracy": accuracy(answers[name], ds.test_y), "runs": []}
+                 "protected_accuracy": accuracy(answers[name], ds.test_y),
+                 "utility": utility(answers[name], base),
+                 "published": list((published or {}).get(name, ("unknown", {}))), "runs": []}
         for strategy in strategies:
-            options = {"beta": beta, "gamma": gamma} if strategy == "same-layer" else {}
+            options = _options(strategy, (published or {}).get(name), beta, gamma, quick)
             for budget in budgets:
                 started = time.perf_counter()
                 log(f"{name}: {strategy} with {budget} queries")
@@ -65,6 +124,8 @@ def run_remote(*, target: str, models: list[str], strategies: list[str], budgets
                 entry["runs"].append({
                     "strategy": strategy, "budget": budget, "queries": used,
                     "agreement": agreement(stolen_test, base),
+                    "runner_up": float((runner_up(stolen_test) == runner_up(base)).mean()),
+                    "kl": kl(base, stolen_test),
                     "accuracy": accuracy(stolen_test, ds.test_y),
                     "seconds": round(time.perf_counter() - started, 1)})
         result["models"][name] = entry
@@ -83,6 +144,14 @@ def render_table(result: dict) -> str:
     for key, label in distances:
         lines.append(f"| {label} | " + " | ".join(
             f"{result['models'][n][key]:.3f}" for n in names) + " |")
+    contract = (("label_kept_round2", "label kept, rounded to 2 decimals (contract rows)"),
+                ("label_kept_float32", "label kept, float32 (contract rows)"),
+                ("spearman_top", "Spearman(raw top, served top)"),
+                ("mean_top_served", "mean top probability served"),
+                ("runner_up_served", "answers' runner-up = base runner-up"))
+    for key, label in contract:
+        lines.append(f"| {label} | " + " | ".join(
+            f"{result['models'][n]['utility'][key]:.3f}" for n in names) + " |")
     keys = []
     for n in names:
         for r in result["models"][n]["runs"]:
@@ -93,8 +162,9 @@ def render_table(result: dict) -> str:
         for n in names:
             r = next((r for r in result["models"][n]["runs"]
                       if (r["strategy"], r["budget"]) == (strategy, budget)), None)
-            cells.append("—" if r is None else f"{r['agreement']:.2f}")
-        lines.append(f"| stolen agreement, {strategy}, {budget} queries | "
+            cells.append("—" if r is None else
+                         f"{r['agreement']:.2f} / {r.get('runner_up', float('nan')):.2f}")
+        lines.append(f"| stolen agreement / runner-up, {strategy}, {budget} queries | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -14,6 +14,19 @@ samples, the architecture they train, the data range) and returns a trained stol
     mse          mean-squared-error loss instead of cross entropy
     inversion    an MLP (K -> 5K -> 3K -> K) trained on (y, y_hat) pairs maps the protected
                  answers back before training
+  Kerckhoffs (the attacker knows the algorithm and its published parameters, not the secret;
+  attacks/kerckhoffs.py):
+    contract-floor    train on what the utility contract discloses: label and served top
+                 probability, the other classes uniform
+    label-smoothed    the label only, at a fixed confidence (the strongest label-only thief
+                 here: hard one-hot labels train a weaker copy at small budgets)
+    argmax-rounded    ArgmaxSample on answers rounded to 2 decimals
+    closed-form  invert the known formula with the published parameters, then distil
+    estimated    the same with the parameters estimated from the answers
+    learned      D-DAE-style recovery: a shadow model trained on the answers' labels, the
+                 attacker's own copy of the defense (its own secret) on the shadow's
+                 outputs, and an MLP trained from those protected answers back to clean
+                 ones maps the real answers before distilling
   tabular:
     equation-solving  Tramèr et al.: solve the softmax equations of a multiclass logistic
                  regression from random queries
@@ -28,18 +41,26 @@ Sample's agreement fall as the budget grew), get small Gaussian jitter instead.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from stealguard.attacks import kerckhoffs
 from stealguard.attacks.architectures import LogReg, build_model
 from stealguard.attacks.datasets import Dataset
 from stealguard.attacks.oracles import Oracle
-from stealguard.attacks.training import TrainConfig, augment, soft_cross_entropy, train
+from stealguard.attacks.training import (
+    TrainConfig,
+    augment,
+    predict,
+    soft_cross_entropy,
+    train,
+)
 from torch import nn
 
 JACOBIAN_LAMBDA = 0.1
 JACOBIAN_ROUNDS = 3  # augmentation rounds; the set doubles each round
+LABEL_CONFIDENCE = 0.98  # label-smoothed thief: about a confident model's mean top
 
 
 @dataclass
@@ -125,6 +146,68 @@ def random_attack(oracle: Oracle, budget: int, attacker: Attacker) -> nn.Module:
     shape = (budget, *attacker.input_shape)
     x = rng.uniform(attacker.input_low, attacker.input_high, size=shape).astype(np.float32)
     return attacker.distil(x, oracle.query(x))
+
+
+def contract_floor_attack(oracle: Oracle, budget: int, attacker: Attacker) -> nn.Module:
+    """Distil on the contract view of the answers: label and served top, rest uniform."""
+    x = query_inputs(attacker, budget)
+    return attacker.distil(x, kerckhoffs.contract_view(oracle.query(x)))
+
+
+def label_smoothed_attack(oracle: Oracle, budget: int, attacker: Attacker, *,
+                          confidence: float = LABEL_CONFIDENCE) -> nn.Module:
+    """Distil on the labels alone, each at the same `confidence`, the rest uniform."""
+    x = query_inputs(attacker, budget)
+    return attacker.distil(x, kerckhoffs.label_view(oracle.query(x), confidence))
+
+
+def argmax_rounded_attack(oracle: Oracle, budget: int, attacker: Attacker, *,
+                          decimals: int = 2) -> nn.Module:
+    """ArgmaxSample on answers rounded to `decimals`, as a client that rounds sees them."""
+    x = query_inputs(attacker, budget)
+    return attacker.fit(x, one_hot(np.round(oracle.query(x), decimals)))
+
+
+def closed_form_attack(oracle: Oracle, budget: int, attacker: Attacker, *, defense: str,
+                       params: dict) -> nn.Module:
+    """Invert the defense `defense` with its published `params`, then distil."""
+    x = query_inputs(attacker, budget)
+    return attacker.distil(x, kerckhoffs.invert(oracle.query(x), defense, params))
+
+
+def estimated_attack(oracle: Oracle, budget: int, attacker: Attacker, *,
+                     defense: str) -> nn.Module:
+    """Estimate the parameters of `defense` from the answers, invert, then distil."""
+    x = query_inputs(attacker, budget)
+    served = oracle.query(x)
+    params = kerckhoffs.estimate(served, defense)
+    return attacker.distil(x, kerckhoffs.invert(served, defense, params))
+
+
+def learned_recovery_attack(oracle: Oracle, budget: int, attacker: Attacker, *,
+                            defense: str, params: dict, pairs: int = 4000,
+                            steps: int = 3000) -> nn.Module:
+    """D-DAE-style learned recovery (Chen et al., S&P 2023) with the attacker's own secret.
+
+    The shadow model is the attacker's: trained on the labels of its answered queries. Its
+    outputs on `pairs` of the attacker's own inputs (not queried: no budget) go through
+    the attacker's copy of the defense, keyed by a secret of its own; the inversion MLP
+    learns protected -> clean on those pairs and maps the real answers before distilling.
+    """
+    from stealguard.server.defenses import make_defense
+
+    x = query_inputs(attacker, budget)
+    served = oracle.query(x)
+    shadow = attacker.fit(x, one_hot(served))
+    own = replace(attacker, seed=attacker.seed + 1000)
+    x_pairs = query_inputs(own, pairs)
+    clean = predict(shadow, x_pairs)
+    copy = make_defense(defense, secret=b"the attacker's own secret", **params)
+    inverter = train_inverter(np.asarray(copy(clean), np.float64), clean, steps=steps,
+                              seed=attacker.seed)
+    with torch.no_grad():
+        recovered = inverter(torch.as_tensor(served, dtype=torch.float32)).softmax(1)
+    return attacker.distil(x, recovered.double().numpy())
 
 
 def _jacobian_step(model: nn.Module, x: np.ndarray, labels: np.ndarray, attacker: Attacker):
@@ -253,5 +336,11 @@ STRATEGIES: dict[str, Strategy] = {
     "mse": mse_attack,
     "inversion": inversion_attack,
     "equation-solving": equation_solving_attack,
+    "contract-floor": contract_floor_attack,
+    "label-smoothed": label_smoothed_attack,
+    "argmax-rounded": argmax_rounded_attack,
+    "closed-form": closed_form_attack,
+    "estimated": estimated_attack,
+    "learned": learned_recovery_attack,
 }
 DEFENSE_AWARE = ("same-layer", "mse", "inversion")

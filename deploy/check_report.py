@@ -1,12 +1,18 @@
 """Check the compose scenario's out/report.json (written by `stealguard-attack run`).
 
 Usage: python3 deploy/check_report.py [REPORT] [--protected mnist] [--unprotected mnist-open]
-                                      [--min-gap 0.20]
+                                      [--tolerance 0.03] [--min-gap 0.10]
 
-Passes (exit 0) when, at every strategy and budget the scenario ran, the model stolen from
-the protected model agrees with the base model at least MIN_GAP less than the one stolen
-from the unprotected model, and the protected model's own answers keep the base model's
-top-1 label on every test input (agreement 1.00). Otherwise prints why and exits 1.
+Passes (exit 0) when the protected model keeps the utility contract and leaves thieves with
+labels, through the real network path:
+  - its answers keep the base model's top-1 label on every test input, and on every row whose
+    raw margin is at least 0.02 the label survives rounding to 2 decimals and float32;
+  - at every budget, no thief of the protected model beats the best label-only thief
+    (argmax, label-smoothed) by more than TOLERANCE, on agreement or on runner-up agreement
+    (one seed per run here, hence a tolerance; attacks/results/ has the intervals);
+  - the dark knowledge is denied: the unprotected model's Sample thief gets a runner-up
+    agreement at least MIN_GAP above the best thief of the protected model.
+Otherwise prints why and exits 1.
 """
 
 from __future__ import annotations
@@ -15,33 +21,51 @@ import argparse
 import json
 import sys
 
+LABEL_ONLY = ("argmax", "label-smoothed")
 
-def problems(report: dict, protected: str, unprotected: str, min_gap: float) -> list[str]:
+
+def problems(report: dict, protected: str, unprotected: str, tolerance: float,
+             min_gap: float) -> list[str]:
     """What the report fails, as sentences; empty when it passes."""
     models = report.get("models", {})
     missing = [name for name in (protected, unprotected) if name not in models]
     if missing:
         return [f"no results for model(s) {', '.join(missing)}; have {sorted(models)}"]
     found = []
-    kept = models[protected]["protected_agreement"]
-    if kept < 1.0:
+    entry = models[protected]
+    if entry["protected_agreement"] < 1.0:
         found.append(f"{protected}: its answers keep the base model's top-1 label on "
-                     f"{kept:.4f} of the test inputs, not 1.00")
-    open_runs = {(r["strategy"], r["budget"]): r for r in models[unprotected]["runs"]}
-    runs = models[protected]["runs"]
+                     f"{entry['protected_agreement']:.4f} of the test inputs, not 1.00")
+    for key in ("label_kept_round2", "label_kept_float32"):
+        if entry["utility"][key] < 1.0:
+            found.append(f"{protected}: {key} is {entry['utility'][key]:.4f} on the rows whose "
+                         "raw margin is at least 0.02, not 1.00 (the utility contract)")
+    runs = entry["runs"]
     if not runs:
         found.append(f"{protected}: no attack ran")
-    for run in runs:
-        key = (run["strategy"], run["budget"])
-        if key not in open_runs:
-            found.append(f"{unprotected}: no {key[0]} attack with {key[1]} queries to compare")
+    for budget in sorted({r["budget"] for r in runs}):
+        at = [r for r in runs if r["budget"] == budget]
+        labels = [r for r in at if r["strategy"] in LABEL_ONLY]
+        if not labels:
+            found.append(f"{protected}, {budget} queries: no label-only thief "
+                         f"({', '.join(LABEL_ONLY)}) to compare with")
             continue
-        gap = open_runs[key]["agreement"] - run["agreement"]
-        if gap < min_gap:
-            found.append(
-                f"{key[0]}, {key[1]} queries: stolen agreement {run['agreement']:.2f} "
-                f"({protected}) vs {open_runs[key]['agreement']:.2f} ({unprotected}): "
-                f"gap {gap:.2f} < {min_gap:.2f}")
+        for metric in ("agreement", "runner_up"):
+            floor = max(r[metric] for r in labels)
+            for r in at:
+                if r["strategy"] not in LABEL_ONLY and r[metric] > floor + tolerance:
+                    found.append(f"{protected}, {budget} queries: {r['strategy']} reaches "
+                                 f"{metric} {r[metric]:.3f}, above the label-only thieves' "
+                                 f"{floor:.3f} by more than {tolerance:.2f}")
+        open_sample = [r for r in models[unprotected]["runs"]
+                       if r["budget"] == budget and r["strategy"] == "sample"]
+        if open_sample:
+            best = max(r["runner_up"] for r in at)
+            gap = open_sample[0]["runner_up"] - best
+            if gap < min_gap:
+                found.append(f"{budget} queries: runner-up agreement {best:.3f} ({protected}, "
+                             f"best thief) vs {open_sample[0]['runner_up']:.3f} "
+                             f"({unprotected}, sample): gap {gap:.2f} < {min_gap:.2f}")
     return found
 
 
@@ -50,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("report", nargs="?", default="out/report.json")
     parser.add_argument("--protected", default="mnist")
     parser.add_argument("--unprotected", default="mnist-open")
-    parser.add_argument("--min-gap", type=float, default=0.20)
+    parser.add_argument("--tolerance", type=float, default=0.03)
+    parser.add_argument("--min-gap", type=float, default=0.10)
     args = parser.parse_args(argv)
     try:
         with open(args.report) as f:
@@ -58,14 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"check_report: cannot read {args.report}: {err}", file=sys.stderr)
         return 1
-    found = problems(report, args.protected, args.unprotected, args.min_gap)
+    found = problems(report, args.protected, args.unprotected, args.tolerance, args.min_gap)
     for problem in found:
         print(f"check_report: FAIL: {problem}", file=sys.stderr)
     if found:
         return 1
     runs = report["models"][args.protected]["runs"]
-    print(f"check_report: OK: {args.protected} keeps every top-1 label; stolen agreement is "
-          f"at least {args.min_gap:.2f} below {args.unprotected} in all {len(runs)} attack(s)")
+    print(f"check_report: OK: {args.protected} keeps the utility contract; none of its "
+          f"{len(runs)} thieves beats the label-only ones by more than {args.tolerance:.2f}, "
+          f"and its dark knowledge stays at least {args.min_gap:.2f} below {args.unprotected}'s")
     return 0
 
 

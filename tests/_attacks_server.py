@@ -4,7 +4,8 @@
 
 Serves a scikit-learn logistic regression trained on the owner's part of sklearn digits
 (load_dataset("digits")) through org.pytorch.serve.grpc.inference.InferenceAPIsService:
-model `digits` behind stealguard's Reverse Sigmoid (beta 1.5, gamma 0.3, preserve_top1) and
+model `digits` behind stealguard's default defense (coarse_confidence on its defaults),
+`digits-rs` behind the paper's Reverse Sigmoid (beta 1.5, gamma 0.3, preserve_top1) and
 `digits-open` unprotected. Input "data" is a float32 .npy batch (N, 1, 8, 8); the
 prediction is a JSON list of probability vectors. Unknown models get NOT_FOUND.
 """
@@ -37,7 +38,9 @@ class Servicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
     def __init__(self, model: LogisticRegression):
         self.model = model
         self.defenses = {
-            "digits": make_defense("reverse_sigmoid", beta=BETA, gamma=GAMMA, preserve_top1=True),
+            "digits": make_defense("coarse_confidence", secret=b"the server's own"),
+            "digits-rs": make_defense("reverse_sigmoid", beta=BETA, gamma=GAMMA,
+                                      preserve_top1=True),
             "digits-open": None,
         }
 

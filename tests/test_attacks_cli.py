@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from _procs import Process, free_port, script
+from _procs import Process, free_port, script, start_sidecar
 from google.protobuf import empty_pb2
 from stealguard.attacks.datasets import load_dataset
 from stealguard.attacks.oracles import BudgetExceeded, OracleError, RemoteOracle
@@ -98,11 +98,49 @@ def test_run_attacks_two_models_side_by_side(server, tmp_path):
             ("argmax", 200, 200)]
         assert all(0.0 <= r["agreement"] <= 1.0 for r in entry["runs"])
     assert report["models"]["digits-open"]["cosine"] == pytest.approx(1.0)
-    assert report["models"]["digits"]["cosine"] < 0.9
+    assert report["models"]["digits"]["utility"]["label_kept_round2"] == 1.0
+    assert report["models"]["digits"]["utility"]["runner_up_served"] < 0.5
     assert report["models"]["digits-open"]["runs"][1]["agreement"] > 0.6
-    assert "| stolen agreement, sample, 200 queries |" in result.stdout
+    assert "| stolen agreement / runner-up, sample, 200 queries |" in result.stdout
     assert (out / "report.md").read_text().startswith("# Stealing through")
     assert (out / "agreement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_formula_aware_attacks_read_the_published_policy_from_list_policies(server, tmp_path):
+    config = tmp_path / "sidecar.yaml"
+    config.write_text("policies:\n  default: {defense: coarse_confidence}\n"
+                      "  digits-rs: {defense: reverse_sigmoid, beta: 1.5, gamma: 0.3}\n")
+    sidecar, address = start_sidecar("--config", str(config))
+    try:
+        out = tmp_path / "run"
+        result = attack("run", "--target", server, "--model", "digits", "--model", "digits-rs",
+                        "--baseline-model", "digits-open", "--dataset", "digits",
+                        "--strategy", "closed-form,learned,contract-floor", "--budget", "100",
+                        "--policies-from", address, "--architecture", "mlp", "--quick",
+                        "--out", str(out))
+    finally:
+        sidecar.stop()
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"]["digits"]["published"][0] == "coarse_confidence"
+    assert report["models"]["digits-rs"]["published"] == [
+        "reverse_sigmoid", {"beta": 1.5, "gamma": 0.3, "preserve_top1": 1.0}]
+    runs = {(m, r["strategy"]): r for m, e in report["models"].items() for r in e["runs"]}
+    # knowing the formula, the inversion undoes the paper's defense; the sample-like
+    # contract floor on its answers (confidence inverted) learns far less
+    assert runs["digits-rs", "closed-form"]["agreement"] > (
+        runs["digits-rs", "contract-floor"]["agreement"] + 0.2)
+    # against the default, the closed-form inverse is the contract view: the same targets
+    assert runs["digits", "closed-form"]["agreement"] == runs["digits", "contract-floor"][
+        "agreement"]
+    assert report["models"]["digits-rs"]["utility"]["spearman_top"] < 0
+
+
+def test_formula_aware_strategies_need_policies_from(tmp_path):
+    result = attack("run", "--target", "127.0.0.1:1", "--model", "m", "--strategy",
+                    "closed-form", "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert "--policies-from" in result.stderr
 
 
 def test_experiment_quick_writes_results_report_and_figures(tmp_path):

@@ -82,33 +82,53 @@ def test_guard_restores_top1_only_on_rows_the_formula_would_flip(digits_rows):
     np.testing.assert_allclose(guarded.sum(axis=1), 1.0, atol=1e-6)
 
 
-def test_guard_is_the_smallest_adjustment_averaging_top_with_classes_above_it():
-    # unguarded output of this row is known; check the projection on a hand-made case
-    defense = make_defense("reverse_sigmoid", beta=1.5, gamma=0.3, preserve_top1=False)
-    row = np.array([[0.90, 1e-6, 0.0999990]])
-    plain = defense(row)[0]
-    guarded = make_defense("reverse_sigmoid", beta=1.5, gamma=0.3)(row)[0]
-    assert plain.argmax() != 0
-    above = plain > plain[0]
-    level = (plain[0] + plain[above].sum()) / (1 + above.sum())
-    if (plain[~above][1:] > level).any():  # the set above shrinks once in this case
-        above = plain > level
-        level = (plain[0] + plain[above].sum()) / (1 + above.sum())
-    expected = np.where(above, level, plain)
-    expected[0] = level
-    np.testing.assert_allclose(guarded, expected, rtol=0, atol=1e-15)
-    assert guarded.argmax() == 0
+def _margin_projection(row, top, margin):
+    """The guard's projection, found by trying every active set (an independent check)."""
+    others = [j for j in np.argsort(-row, kind="stable") if j != top]
+    for c in range(1, len(others) + 1):
+        active = others[:c]
+        a = (row[top] + row[active].sum() + margin * c) / (c + 1)
+        rest = others[c:]
+        if row[active[-1]] > a - margin and all(row[j] <= a - margin for j in rest):
+            out = row.copy()
+            out[active] = a - margin
+            out[top] = a
+            return out
+    raise AssertionError("no active set satisfies the optimality conditions")
 
 
-def test_guard_breaks_ties_for_a_top_class_after_an_equal_one():
+def test_guard_is_the_least_squares_projection_with_a_real_margin(digits_rows):
+    from stealguard.server.defenses._rows import GUARD_MARGIN
+
+    probs = digits_rows[:200].astype(np.float64)
+    plain = _unguarded(1.5, 0.3)(probs)
+    guarded = make_defense("reverse_sigmoid", beta=1.5, gamma=0.3)(probs)
+    flipped = np.nonzero(plain.argmax(axis=1) != probs.argmax(axis=1))[0]
+    assert len(flipped) > 100
+    for i in flipped:
+        expected = _margin_projection(plain[i], probs[i].argmax(), GUARD_MARGIN)
+        np.testing.assert_allclose(guarded[i], expected, rtol=0, atol=1e-12)
+
+
+def test_guarded_rows_keep_their_label_through_rounding_and_float32(digits_rows):
+    flipped = _unguarded(1.5, 0.3)(digits_rows).argmax(axis=1) != digits_rows.argmax(axis=1)
+    guarded = make_defense("reverse_sigmoid", beta=1.5, gamma=0.3)(digits_rows)[flipped]
+    labels = digits_rows.argmax(axis=1)[flipped]
+    ordered = np.sort(guarded, axis=1)
+    assert (ordered[:, -1] - ordered[:, -2]).min() >= 0.02 - 1e-6
+    assert (np.round(guarded, 2).argmax(axis=1) == labels).all()
+    assert (guarded.astype(np.float32).argmax(axis=1) == labels).all()
+
+
+def test_guard_lifts_a_top_class_after_an_equal_one_by_the_margin():
     # class 1 is the top-1; the plain formula maps both small classes to the same value
     row = np.array([[1e-6, 0.999998, 1e-6]], np.float32)
     plain = _unguarded(1.5, 0.3)(row)[0]
     guarded = make_defense("reverse_sigmoid", beta=1.5, gamma=0.3)(row)[0]
     assert plain[0] == plain[2] > plain[1]
     assert guarded.argmax() == 1
-    assert guarded[0] == np.nextafter(guarded[1], np.float32(0))
-    assert guarded[2] == guarded[1]
+    assert guarded[1] - max(guarded[0], guarded[2]) >= np.float32(0.02) - 1e-6
+    assert guarded[0] == guarded[2]
 
 
 def test_reverse_sigmoid_defaults_are_the_design_default_policy():
@@ -118,8 +138,8 @@ def test_reverse_sigmoid_defaults_are_the_design_default_policy():
 
 
 def test_every_registered_defense_has_name_and_numeric_params():
-    assert DEFENSE_NAMES[:2] == ("reverse_sigmoid", "none")
-    assert len(DEFENSE_NAMES) == 12
+    assert DEFENSE_NAMES[:3] == ("coarse_confidence", "reverse_sigmoid", "none")
+    assert len(DEFENSE_NAMES) == 13
     for name in DEFENSE_NAMES:
         defense = make_defense(name, secret=b"k")
         assert defense.name == name

@@ -105,7 +105,7 @@ def test_bad_parameters_name_the_parameter_and_the_range(name, params, message):
 
 def test_unknown_defense_lists_the_known_ones():
     with pytest.raises(ValueError, match="^unknown defense 'reverse-sigmoid'; known defenses: "
-                                         "reverse_sigmoid, none, uniform_random, "):
+                                         "coarse_confidence, reverse_sigmoid, none, "):
         make_defense("reverse-sigmoid")
 
 

@@ -133,7 +133,8 @@ def test_compose_services_wait_for_healthy_dependencies(compose):
     assert set(services) == {"sidecar", "modelserver", "attacker", "loadtest"}
     assert services["modelserver"]["depends_on"] == {"sidecar": {"condition": "service_healthy"}}
     assert services["attacker"]["depends_on"] == {
-        "modelserver": {"condition": "service_healthy"}
+        "modelserver": {"condition": "service_healthy"},
+        "sidecar": {"condition": "service_healthy"},
     }
     assert services["loadtest"]["depends_on"] == {"sidecar": {"condition": "service_healthy"}}
     assert services["loadtest"]["profiles"] == ["loadtest"]
@@ -158,6 +159,7 @@ def test_compose_ports_and_probes_match_the_images(compose):
     assert attack[:2] == ["stealguard-attack", "run"]
     assert attack[attack.index("--target") + 1] == f"modelserver:{MODELSERVER_PORT}"
     assert {"mnist", "mnist-open"} <= set(attack)
+    assert attack[attack.index("--policies-from") + 1] == f"sidecar:{SIDECAR_PORT}"
     load = services["loadtest"]["command"]
     assert load[load.index("--target") + 1] == f"sidecar:{SIDECAR_PORT}"
     assert load[load.index("--format") + 1] == "json"
@@ -307,13 +309,19 @@ def test_healthcheck_reads_torchserve_ping():
 
 # --- the scenario's report check -----------------------------------------------------------
 
-def scenario_report(protected_agreement: float, stolen: float, stolen_open: float) -> dict:
-    def entry(kept: float, agreement: float) -> dict:
-        return {"protected_agreement": kept, "runs": [
-            {"strategy": "sample", "budget": 1000, "queries": 1000, "agreement": agreement}]}
+def scenario_report(kept: float = 1.0, closed_form: float = 0.93, runner_up: float = 0.30,
+                    round2: float = 1.0) -> dict:
+    def run(strategy: str, agreement: float, runner: float) -> dict:
+        return {"strategy": strategy, "budget": 1000, "queries": 1000, "agreement": agreement,
+                "runner_up": runner}
 
-    return {"models": {"mnist": entry(protected_agreement, stolen),
-                       "mnist-open": entry(1.0, stolen_open)}}
+    utility = {"label_kept_round2": round2, "label_kept_float32": 1.0}
+    protected = {"protected_agreement": kept, "utility": utility, "runs": [
+        run("argmax", 0.92, 0.33), run("label-smoothed", 0.93, 0.30),
+        run("sample", 0.92, 0.28), run("closed-form", closed_form, runner_up)]}
+    unprotected = {"protected_agreement": 1.0, "utility": utility,
+                   "runs": [run("sample", 0.95, 0.62)]}
+    return {"models": {"mnist": protected, "mnist-open": unprotected}}
 
 
 def run_check_report(tmp_path: Path, report: dict) -> subprocess.CompletedProcess:
@@ -323,22 +331,35 @@ def run_check_report(tmp_path: Path, report: dict) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=30)
 
 
-def test_check_report_passes_a_protected_model_with_a_large_gap(tmp_path):
-    done = run_check_report(tmp_path, scenario_report(1.0, 0.30, 0.95))
+def test_check_report_passes_a_protected_model_whose_thieves_get_labels(tmp_path):
+    done = run_check_report(tmp_path, scenario_report())
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("check_report: OK")
 
 
-def test_check_report_fails_a_small_gap_naming_both_agreements(tmp_path):
-    done = run_check_report(tmp_path, scenario_report(1.0, 0.80, 0.95))
+def test_check_report_fails_a_thief_above_the_label_only_ones(tmp_path):
+    done = run_check_report(tmp_path, scenario_report(closed_form=0.97))
     assert done.returncode == 1
-    assert "stolen agreement 0.80 (mnist) vs 0.95 (mnist-open): gap 0.15 < 0.20" in done.stderr
+    assert ("closed-form reaches agreement 0.970, above the label-only thieves' 0.930 by more "
+            "than 0.03") in done.stderr
+
+
+def test_check_report_fails_when_dark_knowledge_leaks(tmp_path):
+    done = run_check_report(tmp_path, scenario_report(runner_up=0.60))
+    assert done.returncode == 1
+    assert "gap 0.02 < 0.10" in done.stderr
 
 
 def test_check_report_fails_when_the_defense_changes_labels(tmp_path):
-    done = run_check_report(tmp_path, scenario_report(0.99, 0.30, 0.95))
+    done = run_check_report(tmp_path, scenario_report(kept=0.99))
     assert done.returncode == 1
     assert "on 0.9900 of the test inputs, not 1.00" in done.stderr
+
+
+def test_check_report_fails_when_rounding_loses_labels(tmp_path):
+    done = run_check_report(tmp_path, scenario_report(round2=0.10))
+    assert done.returncode == 1
+    assert "label_kept_round2 is 0.1000" in done.stderr
 
 
 # --- the commands in the files are ones the programs accept ---------------------------------

@@ -5,7 +5,8 @@
     out = d(probs)              # new array, same shape and dtype; probs is never written
     d.name, d.params            # "reverse_sigmoid", {"beta": 1.5, "gamma": 0.3, ...}
 
-Modules: `reverse_sigmoid` (the product's defense), `noise` (keyed random perturbations),
+Modules: `confidence` (the default: label, coarse confidence, keyed rest), `reverse_sigmoid` (the
+paper's defense), `noise` (keyed random perturbations),
 `simple` (deterministic baselines), `_validation` (shared input checks and softmax),
 `_rows` (normalisation and the top-1 guard), `_fastmath` (vectorisable float32 log/exp,
 SipHash), `_base` (the Defense class and parameter checks).
@@ -21,6 +22,7 @@ import numpy as np
 from ._base import Defense
 from ._cache import refresh_kernel_cache
 from ._validation import validate
+from .confidence import CoarseConfidence
 from .noise import (
     GaussianNoise,
     RankingPreservingUniformRandom,
@@ -33,7 +35,7 @@ from .simple import ClassLabels, HighConfidence, NoDefense, Rounded, Sine, TopK
 
 __all__ = [
     "DEFENSE_NAMES", "Defense", "make_defense", "validate", "warm_up",
-    "ReverseSigmoid", "NoDefense", "UniformRandom", "UniformRandomConcave",
+    "CoarseConfidence", "ReverseSigmoid", "NoDefense", "UniformRandom", "UniformRandomConcave",
     "UniformRandomConvex", "RankingPreservingUniformRandom", "Sine", "GaussianNoise",
     "HighConfidence", "TopK", "Rounded", "ClassLabels",
 ]
@@ -41,9 +43,9 @@ __all__ = [
 _REGISTRY: dict[str, type[Defense]] = {
     cls.name: cls
     for cls in (
-        ReverseSigmoid, NoDefense, UniformRandom, UniformRandomConcave, UniformRandomConvex,
-        RankingPreservingUniformRandom, Sine, GaussianNoise, HighConfidence, TopK, Rounded,
-        ClassLabels,
+        CoarseConfidence, ReverseSigmoid, NoDefense, UniformRandom, UniformRandomConcave,
+        UniformRandomConvex, RankingPreservingUniformRandom, Sine, GaussianNoise,
+        HighConfidence, TopK, Rounded, ClassLabels,
     )
 }
 

@@ -9,7 +9,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._fastmath import like, next_below
+from ._fastmath import like
+
+# What the guard puts between a guarded row's top class and every other: enough for the
+# label to survive rounding to 2 decimals (README, "The utility contract").
+GUARD_MARGIN = 0.02
 
 
 @njit(inline="always")
@@ -160,45 +164,51 @@ def _sum_above(a, base, k, t):
 
 @njit(inline="always")
 def guard_top1(out, base, k, top):
-    """Make `top` the numpy.argmax of the normalised row out[base:base+k] if it is not.
+    """Make `top` the numpy.argmax of the normalised row out[base:base+k], by a real margin.
 
     A row whose argmax already is `top` is left bit-for-bit as it is. Otherwise the row
-    gets the smallest adjustment in the Euclidean sense: its projection onto the rows
-    where `top` is a largest value. That replaces `top` and the classes S above it by
-    their mean t, where S = {j : out[j] > t} (the classes above out[top], shrunk until
-    stable: t only grows, so at most k rounds, nearly always one or two). It keeps the
-    row's sum and every class outside S, and is the KKT solution of
-    min ||x - out||^2 subject to x[top] >= x[j] for all j. numpy.argmax takes the first
-    of equal maxima, so classes before `top` that now equal t are lowered by one unit in
-    the last place, which makes `top` the strict maximum over them.
-
-    The first pass both tests the row and does the first round of the projection. All
-    loops are branch-free: which classes lie above t is unpredictable.
+    gets the smallest adjustment in the Euclidean sense that keeps its sum and puts `top`
+    GUARD_MARGIN above every other class: its projection onto
+    {x : x[top] >= x[j] + GUARD_MARGIN for all j != top, sum(x) = sum(out)}. That sets
+    `top` to a and every class of S = {j != top : out[j] > a - GUARD_MARGIN} to
+    a - GUARD_MARGIN, where a = (out[top] + sum_S out[j] + GUARD_MARGIN |S|) / (|S| + 1).
+    As in Michelot's simplex projection, S starts as every other class and shrinks to the
+    classes above a - GUARD_MARGIN until stable (a only grows, so at most k rounds, nearly
+    always two or three). A one-ulp tie-break would keep the label only at full
+    precision; the margin keeps it through rounding to 2 decimals and a float32 cast.
+    Classes the projection would take below 0 stay at 0 and the row is renormalised.
     """
-    q_top = out[base + top]
+    q_top = np.float64(out[base + top])
     is_argmax = True
-    total = np.float64(q_top)
-    count = 0
+    total = 0.0
     for j in range(k):
         v = out[base + j]
-        is_argmax &= (v < q_top) | ((j >= top) & (v <= q_top))
-        above = v > q_top
-        total += np.float64(v) if above else 0.0
-        count += above
+        is_argmax &= (v < out[base + top]) | ((j >= top) & (v <= out[base + top]))
+        total += np.float64(v) if j != top else 0.0
     if is_argmax:
         return
-    t = total / (count + 1)
-    while True:  # shrink S = {j : out[j] > t} until it is stable
-        total, c = _sum_above(out, base, k, t)  # never counts `top` itself: t >= q_top
-        if c == count:
+    m = GUARD_MARGIN
+    count = k - 1
+    a = (q_top + total + m * count) / (count + 1)
+    while True:  # shrink S = {j != top : out[j] > a - m} until it is stable
+        s, c = _sum_above(out, base, k, a - m)
+        if q_top > a - m:  # _sum_above counts every class; S never holds `top`
+            s -= q_top
+            c -= 1
+        if c >= count:
             break
         count = c
-        # rounding must not let t shrink: the set could then cycle
-        t = max(t, (total + np.float64(q_top)) / (c + 1))
-    out[base + top] = t  # the store rounds t to the row's dtype
-    tv = out[base + top]
-    below = next_below(tv)
+        a = max(a, (q_top + s + m * c) / (c + 1))  # rounding must not let a shrink
+    low = a - m
+    clamped = 0.0
     for j in range(k):
-        v = out[base + j]
-        v = tv if v > tv else v
-        out[base + j] = below if (j < top) & (v >= tv) else v
+        v = np.float64(out[base + j])
+        if j == top:
+            out[base + j] = a
+        elif v > low:
+            out[base + j] = max(low, 0.0)
+            clamped += max(-low, 0.0)
+    if clamped > 0.0:
+        scale = 1.0 / (1.0 + clamped)
+        for j in range(k):
+            out[base + j] = np.float64(out[base + j]) * scale

@@ -1,0 +1,102 @@
+"""coarse_confidence, the default defense: the utility contract, the keyed rest, parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _defenses_helpers import digits_softmax_rows
+from stealguard.attacks.contract import contract_holds, utility
+from stealguard.server.defenses import make_defense
+from stealguard.server.defenses.confidence import default_values
+
+
+@pytest.fixture(scope="module")
+def digits_rows() -> np.ndarray:
+    return digits_softmax_rows()
+
+
+def _served(probs, secret=b"one", **params):
+    return make_defense("coarse_confidence", secret=secret, **params)(probs)
+
+
+def test_label_survives_rounding_and_float32_with_the_margin_on_every_row(digits_rows):
+    served = _served(digits_rows)
+    u = utility(served, digits_rows)
+    assert contract_holds(u)
+    ordered = np.sort(served, axis=1)
+    assert (ordered[:, -1] - ordered[:, -2]).min() >= 0.02 - 1e-6
+    assert (served.argmax(axis=1) == digits_rows.argmax(axis=1)).all()
+    np.testing.assert_allclose(served.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_top_probability_is_the_level_value_of_the_raw_top():
+    rows = np.array([[0.5, 0.3, 0.2], [0.9995, 0.0004, 0.0001], [0.999995, 4e-6, 1e-6]])
+    served = _served(rows, edges=[0.999, 0.99999], values=[0.6, 0.99, 0.999])
+    np.testing.assert_allclose(served.max(axis=1), [0.6, 0.99, 0.999])
+
+
+def test_confidence_order_is_kept_between_levels(digits_rows):
+    raw_top = digits_rows.max(axis=1)
+    served_top = _served(digits_rows).max(axis=1)
+    order = np.argsort(raw_top)
+    assert (np.diff(served_top[order]) >= 0).all()
+
+
+def test_rest_does_not_depend_on_the_other_classes_only_on_bytes_and_key():
+    a = np.array([[0.7, 0.2, 0.05, 0.05]])
+    b = np.array([[0.7, 0.05, 0.05, 0.2]])  # same label and top, other rest
+    # same label and level: the served top is identical, the rest is a keyed draw
+    assert _served(a)[0, 0] == _served(b)[0, 0]
+    assert not np.array_equal(_served(a), _served(a, secret=b"two"))
+    np.testing.assert_array_equal(_served(a), _served(a.copy()))  # deterministic
+
+
+def test_rest_averages_to_uniform_over_near_duplicate_queries():
+    rng = np.random.default_rng(0)
+    base = np.array([0.9, 0.06, 0.03, 0.01])
+    rows = base + rng.uniform(-1e-9, 1e-9, (4000, 4))
+    rows /= rows.sum(axis=1, keepdims=True)
+    rest = _served(rows)[:, 1:]
+    means = rest.mean(axis=0)
+    # the raw rest is ordered 0.06 > 0.03 > 0.01; the served one averages to equal shares
+    np.testing.assert_allclose(means, means.mean(), rtol=0.05)
+
+
+def test_binary_column_is_answered_as_one_column():
+    column = np.array([[0.3], [0.9999]])
+    served = _served(column, edges=[0.99], values=[0.8, 0.995])
+    np.testing.assert_allclose(served[:, 0], [0.2, 0.995])
+
+
+def test_low_level_values_are_raised_so_the_margin_fits():
+    rows = np.full((1, 10), 0.1)
+    rows[0, 0] += 0.05
+    rows[0, 1:] -= 0.05 / 9
+    served = _served(rows, edges=[0.999], values=[0.1, 0.99])
+    ordered = np.sort(served[0])
+    assert ordered[-1] - ordered[-2] >= 0.02 - 1e-12
+    assert served[0].argmax() == 0
+
+
+def test_default_values_are_midpoints_in_nines():
+    values = default_values([0.99, 0.9999])
+    np.testing.assert_allclose(values, [1 - 10 ** -1, 1 - 10 ** -3, 1 - 10 ** -4.5])
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"edges": [0.99, 0.9]}, "edges must increase"),
+    ({"edges": [1.0]}, "edges must lie strictly between 0 and 1"),
+    ({"edges": "0.9"}, "edges must be a list of numbers"),
+    ({"values": [0.5]}, "values must have one entry per level"),
+    ({"values": [0.9, 0.8, 0.99]}, "values must not decrease"),
+    ({"margin": 0.5}, "margin must be a number in [0.005, 0.25]"),
+])
+def test_bad_parameters_name_the_parameter(params, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        make_defense("coarse_confidence", **params)
+
+
+def test_params_are_flat_numbers_for_list_policies():
+    params = make_defense("coarse_confidence", edges=[0.9]).params
+    assert params == {"edge_1": 0.9, "value_1": pytest.approx(1 - 10 ** -0.5),
+                      "value_2": pytest.approx(1 - 10 ** -1.5), "margin": 0.02}

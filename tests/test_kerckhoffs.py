@@ -1,0 +1,82 @@
+"""What an attacker who knows the algorithm recovers: closed-form inversion, estimation,
+the contract view; and the contract's utility figures."""
+
+from __future__ import annotations
+
+import numpy as np
+from _defenses_helpers import digits_softmax_rows
+from stealguard.attacks.contract import margins, runner_up, utility
+from stealguard.attacks.contract_report import checks, group, interval
+from stealguard.attacks.kerckhoffs import (
+    constructor_params,
+    contract_view,
+    estimate,
+    invert,
+    label_view,
+)
+from stealguard.server.defenses import make_defense
+
+ROWS = digits_softmax_rows()
+
+
+def test_closed_form_inversion_recovers_the_runner_up_that_reverse_sigmoid_hides():
+    served = make_defense("reverse_sigmoid", beta=1.5, gamma=0.3)(ROWS)
+    recovered = invert(served, "reverse_sigmoid", {"beta": 1.5, "gamma": 0.3})
+    as_served = (runner_up(served) == runner_up(ROWS)).mean()
+    inverted = (runner_up(recovered) == runner_up(ROWS)).mean()
+    assert as_served < 0.2
+    assert inverted > as_served + 0.3
+    assert (recovered.argmax(1) == ROWS.argmax(1)).all()
+    np.testing.assert_allclose(recovered.sum(1), 1.0)
+
+
+def test_estimated_parameters_invert_nearly_as_well_as_the_published_ones():
+    served = make_defense("reverse_sigmoid", beta=1.5, gamma=0.3)(ROWS)
+    params = estimate(served, "reverse_sigmoid")
+    recovered = invert(served, "reverse_sigmoid", params)
+    assert (runner_up(recovered) == runner_up(ROWS)).mean() > 0.3
+
+
+def test_coarse_confidence_inverts_to_its_contract_view_only():
+    served = make_defense("coarse_confidence", secret=b"s")(ROWS)
+    recovered = invert(served, "coarse_confidence", {})
+    np.testing.assert_array_equal(recovered, contract_view(served))
+    rest = np.sort(recovered, 1)[:, :-1]
+    np.testing.assert_allclose(rest, rest[:, :1].repeat(rest.shape[1], 1))
+
+
+def test_label_view_discloses_only_the_label():
+    view = label_view(ROWS, 0.9)
+    assert (view.argmax(1) == ROWS.argmax(1)).all()
+    np.testing.assert_allclose(view.max(1), 0.9)
+
+
+def test_published_flat_parameters_rebuild_the_defense():
+    d = make_defense("coarse_confidence", edges=[0.9, 0.999], margin=0.03)
+    params = constructor_params("coarse_confidence", d.params)
+    assert make_defense("coarse_confidence", **params).params == d.params
+
+
+def test_utility_of_the_paper_default_fails_rounding_and_inverts_confidence():
+    served = make_defense("reverse_sigmoid", beta=1.5, gamma=0.3, preserve_top1=False)(ROWS)
+    u = utility(served, ROWS)
+    assert u["spearman_top"] < 0
+    assert u["label_kept_round2"] < 0.5
+    assert (margins(ROWS) >= 0.02).mean() == u["contract_rows"]
+
+
+def test_checks_pair_seeds_and_call_a_difference_beyond_its_interval_beating():
+    def run(stage, strategy, seed, agreement):
+        return {"stage": stage, "strategy": strategy, "seed": seed, "budget": 100,
+                "defense": {"name": "none", "params": {}}, "agreement": agreement,
+                "runner_up": 0.3, "kl": 0.1}
+
+    runs = [run("floor", "argmax", s, 0.80 + 0.01 * s) for s in range(5)]
+    runs += [run("default", "contract-floor", s, 0.80 + 0.01 * s + 0.001) for s in range(5)]
+    runs += [run("default", "sample", s, 0.85 + 0.01 * s) for s in range(5)]
+    found = {(c["attack"], c["metric"]): c for c in checks(group(runs), "default")}
+    assert found["contract-floor", "agreement"]["beats"]  # +0.001 every seed: no spread
+    assert found["sample", "agreement"]["beats"]
+    assert not found["sample", "runner_up"]["beats"]
+    mean, hw = interval([1.0, 2.0, 3.0])
+    assert (mean, round(hw, 3)) == (2.0, 2.484)
