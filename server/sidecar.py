@@ -15,7 +15,8 @@ from stealguard.server.core import ProtectCore
 from stealguard.server.defenses import warm_up
 from stealguard.server.extproc.servicer import SERVICE as EXTPROC_SERVICE
 from stealguard.server.extproc.servicer import ExternalProcessorServicer, add_extproc
-from stealguard.server.limits import TokenBucket
+from stealguard.server.metering.inflight import Slots
+from stealguard.server.metering.settings import meter_of, stream_guard
 from stealguard.server.metrics import MetricsObserver
 from stealguard.server.platform import lifecycle
 from stealguard.server.platform.app import GrpcApp
@@ -33,7 +34,7 @@ DEFENSE_SERVICE = defense_pb2.DESCRIPTOR.services_by_name["Defense"].full_name
 def protect_core(config: Config, policies) -> ProtectCore:
     """The core with `config`'s limits and, when metrics are on, the metrics observer
     (the sidecar and the proxy build theirs the same way)."""
-    limiter = TokenBucket(config.rate_limit, config.rate_burst) if config.rate_limit else None
+    limiter = meter_of(config)
     observers = [MetricsObserver()] if config.metrics_port else []
     return ProtectCore(policies, max_rows=config.max_rows, limiter=limiter,
                        observers=observers)
@@ -98,6 +99,16 @@ class Sidecar(lifecycle.Service):
     def in_flight(self) -> int:
         return self.servicer.in_flight
 
+    async def close(self) -> None:
+        await close_limiter(self.servicer.core)
+
+
+async def close_limiter(core: ProtectCore) -> None:
+    """After the server stopped: give the meter's unspent leases back to its store."""
+    close = getattr(core.limiter, "close", None)
+    if close is not None:
+        await close()
+
 
 async def run_sidecar(config: Config, *, reuse_port: bool = False,
                       reload: Callable[[], Config] | None = None) -> None:
@@ -112,7 +123,10 @@ async def run_sidecar(config: Config, *, reuse_port: bool = False,
     core.refuse(WARMING_UP)
     app = GrpcApp.from_settings(config, [DEFENSE_SERVICE, EXTPROC_SERVICE],
                                 reuse_port=reuse_port, logger=log)
-    servicer = DefenseServicer(core, app.identity, with_metrics=bool(config.metrics_port))
+    servicer = DefenseServicer(
+        core, app.identity, with_metrics=bool(config.metrics_port),
+        slots=Slots(config.max_calls_per_principal, config.max_streams_per_principal),
+        streams=stream_guard(config, core))
     add_lenient(defense_pb2_grpc.add_DefenseServicer_to_server, servicer, app.server)
     extproc = add_extproc(app.server, core, proxy_policies, app.identity, config)  # Envoy
 

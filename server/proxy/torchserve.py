@@ -8,11 +8,13 @@ TorchServe answers a sequence one reply per request.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
 
 from google.protobuf import empty_pb2
 from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc
+from stealguard.server.metering.inflight import StreamIdle
 from stealguard.server.platform import status
 from stealguard.server.platform.lenient import add_lenient
 from stealguard.server.proxy.base import ProxyServicer
@@ -64,14 +66,28 @@ class TorchServeProxy(ProxyServicer, inference_pb2_grpc.InferenceAPIsServiceServ
     async def StreamPredictions2(self, request_iterator, context):
         models: deque[str] = deque()
         model = ""
+        principal = self.identity.of(context)
+        await self.streams.open(principal)  # its slot, one row, the idle timeout
+        handler, idle = asyncio.current_task(), []
 
         async def requests() -> AsyncIterator[inference_pb2.PredictionsRequest]:
-            async for request in request_iterator:
-                models.append(request.model_name)
-                yield request
+            try:
+                async for request in self.streams.messages(request_iterator):
+                    models.append(request.model_name)
+                    yield request
+            except StreamIdle as error:  # gRPC's request reader would swallow it
+                idle.append(error)
+                handler.cancel()
 
-        async for response in self.upstream.stream(self.stub.StreamPredictions2, requests(),
-                                                    context):
-            if models:
-                model = models.popleft()
-            yield await self._protect(response, self.policy(model), model, context)
+        try:
+            async for response in self.upstream.stream(self.stub.StreamPredictions2,
+                                                        requests(), context):
+                if models:
+                    model = models.popleft()
+                yield await self._protect(response, self.policy(model), model, context)
+        except asyncio.CancelledError:
+            if not idle:
+                raise
+            raise idle[0] from None
+        finally:
+            self.streams.close(principal)
