@@ -229,7 +229,7 @@ def test_kubernetes_ports_and_probes_agree_with_the_images(manifests):
     (mount,) = sidecar["volumeMounts"]
     assert config_path.startswith(mount["mountPath"] + "/")
     config = yaml.safe_load(manifests["ConfigMap"]["data"][Path(config_path).name])
-    assert config["policies"]["default"]["defense"] == "reverse_sigmoid"
+    assert config["policies"]["default"]["defense"] == "coarse_confidence"
 
 
 def test_service_and_network_policy_expose_only_the_model_server(manifests):
@@ -395,5 +395,5 @@ def test_kubernetes_sidecar_config_builds_its_policies(manifests, tmp_path):
     config = load_config(path, env={})
     assert config.listen == f"0.0.0.0:{SIDECAR_PORT}"
     policies = PolicySet.from_config(config.policies, b"test-secret")
-    assert policies.resolve("mnist").defense.name == "reverse_sigmoid"
+    assert policies.resolve("mnist").defense.name == "coarse_confidence"
     assert policies.resolve("mnist-open").defense.name == "none"
