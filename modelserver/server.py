@@ -50,7 +50,7 @@ def serve_metrics(config: ServerConfig) -> int:
     """Start /metrics (the platform's endpoint); the port it serves on, 0 for none. The
     default port is skipped with a warning when taken; one asked for must be free."""
     return platform_metrics.serve_metrics(config.metrics_port, log,
-                                          default=DEFAULT_METRICS_PORT)
+                                          default=DEFAULT_METRICS_PORT, settings=config)
 
 
 def sidecar_client(config: ServerConfig) -> AsyncDefenseClient:

@@ -46,8 +46,9 @@ class Sidecar(lifecycle.Service):
     draining = DRAINING
 
     def __init__(self, config: Config, servicer: DefenseServicer,
-                 reload: Callable[[], Config] | None):
+                 reload: Callable[[], Config] | None, app: GrpcApp | None = None):
         self.config = config
+        self.app = app
         self.servicer = servicer
         self.core = servicer.core
         self._reload = reload
@@ -63,9 +64,12 @@ class Sidecar(lifecycle.Service):
 
     def reload(self) -> str:
         core = self.servicer.core
-        core.policies = PolicySet.from_config(self._reload().policies,
-                                              self.config.secret_bytes())
-        return describe_policies(core.policies)
+        config = self._reload()
+        policies = PolicySet.from_config(config.policies, self.config.secret_bytes())
+        install = self.app.prepare_reload(config) if self.app else None
+        core.policies = policies
+        security = install() if install else ""
+        return describe_policies(core.policies) + (f"; {security}" if security else "")
 
     @property
     def in_flight(self) -> int:
@@ -77,7 +81,8 @@ async def run_sidecar(config: Config, *, reuse_port: bool = False,
     """Run the Defense service until a stop signal; NOT_SERVING until kernels are warm.
 
     SIGHUP calls `reload` for a new config and swaps in its policies between calls; a bad
-    new config is logged and the old policies stay.
+    new config is logged and the old policies stay. The token file and TLS certificates
+    are reloaded with them (`GrpcApp.prepare_reload`).
     """
     policies = PolicySet.from_config(config.policies, config.secret_bytes())
     core = protect_core(config, policies)
@@ -86,6 +91,6 @@ async def run_sidecar(config: Config, *, reuse_port: bool = False,
     servicer = DefenseServicer(core, app.identity, with_metrics=bool(config.metrics_port))
     add_lenient(defense_pb2_grpc.add_DefenseServicer_to_server, servicer, app.server)
 
-    serve_metrics(config.metrics_port, log)
-    await lifecycle.run(app, Sidecar(config, servicer, reload),
+    serve_metrics(config.metrics_port, log, settings=config)
+    await lifecycle.run(app, Sidecar(config, servicer, reload, app),
                         details=f", policies: {describe_policies(policies)}")

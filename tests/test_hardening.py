@@ -70,6 +70,7 @@ def guarded(pki, tmp_path_factory):
         "--tls-cert", pki.path("server.pem"), "--tls-key", pki.path("server.key"),
         "--tls-ca", pki.path("ca.pem"), "--token-file", str(tokens),
         "--rate-limit", "2", "--rate-burst", "3", "--metrics-port", str(metrics_port),
+        "--metrics-per-client",
         port=port, wait=False)
     mtls = channel_credentials(pki.path("ca.pem"), pki.path("client.pem"), pki.path("client.key"))
     wait_tls_healthy(process, address, mtls)
@@ -298,7 +299,8 @@ def test_callers_cannot_add_per_client_series_without_end():
     from stealguard.server.platform.metrics import MAX_CLIENT_SERIES, OTHER_CLIENTS
 
     metrics_port = free_port()
-    process, address = start_sidecar("--metrics-port", str(metrics_port))
+    process, address = start_sidecar("--metrics-port", str(metrics_port),
+                                     "--metrics-per-client")
     extra = 25
     try:
         request = defense_pb2.PerturbRequest(probabilities=array_to_tensor(ROWS))
