@@ -179,33 +179,22 @@ class RequestBytesInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
             return request
 
-        if not handler.request_streaming and not handler.response_streaming:
+        async def stream(context, held):
+            return requests(context, held)
+
+        source = stream if handler.request_streaming else one
+        if not handler.response_streaming:
             async def behaviour(_, context):
                 held = [0]
                 try:
-                    return await settled(inner(await one(context, held), context))
-                finally:
-                    budget.give(held[0])
-        elif not handler.request_streaming:
-            async def behaviour(_, context):
-                held = [0]
-                try:
-                    async for reply in relay(inner(await one(context, held), context)):
-                        yield reply
-                finally:
-                    budget.give(held[0])
-        elif not handler.response_streaming:
-            async def behaviour(_, context):
-                held = [0]
-                try:
-                    return await settled(inner(requests(context, held), context))
+                    return await settled(inner(await source(context, held), context))
                 finally:
                     budget.give(held[0])
         else:
             async def behaviour(_, context):
                 held = [0]
                 try:
-                    async for reply in relay(inner(requests(context, held), context)):
+                    async for reply in relay(inner(await source(context, held), context)):
                         yield reply
                 finally:
                     budget.give(held[0])
