@@ -71,12 +71,14 @@ def _channel_args(options: list[tuple[str, Any]] | None) -> list[tuple[str, Any]
     ]
 
 
-def _request(probs: np.ndarray, model: str, logits: bool, request_id: str):
+def _request(probs: np.ndarray, model: str, logits: bool, request_id: str,
+             principal: str = ""):
     array = np.asarray(probs)
     if array.dtype.kind != "f":
         array = array.astype(np.float64)
     return defense_pb2.PerturbRequest(
-        probabilities=array_to_tensor(array), model=model, logits=logits, request_id=request_id
+        probabilities=array_to_tensor(array), model=model, logits=logits,
+        request_id=request_id, principal=principal
     )
 
 
@@ -150,12 +152,14 @@ class DefenseClient(_Base):
         self._stream = BlockingPerturbStream(self._stub, self._metadata) if stream else None
 
     def perturb(self, probs: np.ndarray, model: str = "", logits: bool = False, *,
-                request_id: str = "", timeout: float | None = None) -> np.ndarray:
+                request_id: str = "", timeout: float | None = None,
+                principal: str = "") -> np.ndarray:
         """The protected copy of `probs` (1-D or 2-D float); raises `SidecarError`.
 
         `timeout`: seconds for this call (default: the client's), e.g. what is left of the
-        caller's own deadline."""
-        request = _request(probs, model, logits, request_id)
+        caller's own deadline. `principal`: the end client the rows are charged to (the
+        sidecar believes it only from a gateway token)."""
+        request = _request(probs, model, logits, request_id, principal)
         seconds = self._timeout(timeout)
         deadline = time.monotonic() + seconds
         try:
@@ -218,9 +222,11 @@ class AsyncDefenseClient(_Base):
         self._stream = PerturbStream(self._stub, self._metadata) if stream else None
 
     async def perturb(self, probs: np.ndarray, model: str = "", logits: bool = False, *,
-                      request_id: str = "", timeout: float | None = None) -> np.ndarray:
-        """The protected copy of `probs`; raises `SidecarError` (`timeout` as the sync one)."""
-        request = _request(probs, model, logits, request_id)
+                      request_id: str = "", timeout: float | None = None,
+                      principal: str = "") -> np.ndarray:
+        """The protected copy of `probs`; raises `SidecarError` (`timeout` and
+        `principal` as the sync one)."""
+        request = _request(probs, model, logits, request_id, principal)
         seconds = self._timeout(timeout)
         deadline = time.monotonic() + seconds
         try:

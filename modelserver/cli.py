@@ -63,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
 def check_security(config: ServerConfig) -> None:
     """Read every certificate and token now, so that a bad one is a one-line error at start."""
     from stealguard.client import channel_credentials
+    from stealguard.server.metering.settings import check_metering
     from stealguard.server.platform.credentials import Tokens, server_credentials
 
+    check_metering(config)
     server_credentials(config)
     if config.token_file:
         Tokens.from_file(config.token_file)

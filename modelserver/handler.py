@@ -91,8 +91,12 @@ class Handler:
                                f"its manifest lists {len(self.spec.labels)} labels")
         return probs
 
-    async def protect(self, probs: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    async def protect(self, probs: np.ndarray, deadline: float | None = None,
+                      principal: str = "") -> np.ndarray:
         """The sidecar's perturbation of `probs`, failing closed; identity for policy none.
+
+        `principal` is the end client, sent with the rows: a sidecar that meters charges
+        it there when the model server's sidecar token is marked as a gateway.
 
         `deadline` is the caller's, in `time.monotonic()` seconds: the sidecar gets
         min(its timeout, the time left), so the model server never waits for the sidecar
@@ -106,7 +110,8 @@ class Handler:
             budget = min(budget, deadline - time.monotonic())
         try:
             return await protect_async(self.sidecar, probs, model=self.spec.policy,
-                                       on_error="raise", timeout=budget)
+                                       on_error="raise", timeout=budget,
+                                       principal=principal)
         except SidecarError as error:
             code, reason = error.code.name, str(error)
         log.warning("sidecar failed (%s) for model %r: answering label-only", reason,
@@ -134,7 +139,7 @@ class Handler:
         probs, is_batch = await loop.run_in_executor(
             self.executor, self._preprocess_and_infer, inputs
         )
-        answer = await self.core.protect(probs, _Bound(self, deadline), client)
+        answer = await self.core.protect(probs, _Bound(self, deadline, client), client)
         return self.postprocess(answer.rows, is_batch)
 
 
@@ -142,13 +147,14 @@ class _Bound:
     """A handler as the core's policy for one call: its sidecar call gets that call's
     deadline."""
 
-    __slots__ = ("handler", "deadline", "name")
+    __slots__ = ("handler", "deadline", "name", "principal")
 
-    def __init__(self, handler: Handler, deadline: float | None):
+    def __init__(self, handler: Handler, deadline: float | None, principal: str = ""):
         self.handler, self.deadline, self.name = handler, deadline, handler.spec.name
+        self.principal = "" if principal == ANONYMOUS else principal
 
     def perturb(self, rows: np.ndarray, logits: bool = False):
-        return self.handler.protect(rows, self.deadline)
+        return self.handler.protect(rows, self.deadline, self.principal)
 
 
 class _Only:

@@ -21,7 +21,7 @@ from stealguard.modelserver.metrics import Recorder
 from stealguard.modelserver.servicer import InferenceServicer
 from stealguard.modelserver.store import ensure_default_models, read_store
 from stealguard.server.core import ProtectCore
-from stealguard.server.limits import TokenBucket
+from stealguard.server.metering.settings import meter_of, stream_guard
 from stealguard.server.platform import lifecycle
 from stealguard.server.platform import metrics as platform_metrics
 from stealguard.server.platform.app import GrpcApp
@@ -88,6 +88,8 @@ class ModelServer(lifecycle.Service):
 
     async def close(self) -> None:
         await self.sidecar.close()
+        if self.models.core.limiter is not None:
+            await self.models.core.limiter.close()  # unspent leases back to the store
 
 
 async def run_modelserver(config: ServerConfig, reload=None) -> None:
@@ -98,7 +100,7 @@ async def run_modelserver(config: ServerConfig, reload=None) -> None:
     specs = prepare_store(config)
     recorder = Recorder(enabled=config.metrics_port > 0, models=specs,
                         protected=[name for name, spec in specs.items() if spec.protected])
-    limiter = TokenBucket(config.rate_limit, config.rate_burst) if config.rate_limit else None
+    limiter = meter_of(config)
     sidecar = sidecar_client(config)
     # one inference thread: each forward pass already uses torch_threads cores
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference") as executor:
@@ -108,7 +110,8 @@ async def run_modelserver(config: ServerConfig, reload=None) -> None:
         models = Models(specs, sidecar, executor, config.max_batch, recorder, core)
         app = GrpcApp.from_settings(config, [INFERENCE_SERVICE], logger=log)
         add_lenient(inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server,
-                    InferenceServicer(models, recorder, app.identity), app.server)
+                    InferenceServicer(models, recorder, app.identity,
+                                      stream_guard(config, core)), app.server)
 
         details = (f"{' and client certificates' if config.tls_ca else ''}, sidecar "
                    f"{config.sidecar} ({config.sidecar_transport})"

@@ -20,6 +20,7 @@ from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc
 from stealguard.modelserver.handler import Models
 from stealguard.modelserver.metrics import Recorder
 from stealguard.server.errors import Exhausted, InvalidInput
+from stealguard.server.metering.inflight import StreamGuard, StreamIdle
 from stealguard.server.platform.identity import Identity
 from stealguard.server.platform.lenient import UnreadableRequest, reads_unreadable
 from stealguard.server.platform.status import GrpcStatus, grpc_status, status_message
@@ -45,10 +46,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
     """Ping, Predictions, StreamPredictions and StreamPredictions2 over `Models`."""
 
     def __init__(self, models: Models, recorder: Recorder | None = None,
-                 identity: Identity | None = None):
+                 identity: Identity | None = None, streams: StreamGuard | None = None):
         self.models = models
         self.recorder = recorder or Recorder(enabled=False)
         self.identity = identity or Identity()
+        # a request stream's slot, opening charge and idle timeout (per principal)
+        self.streams = streams or StreamGuard()
 
     async def predict(
         self, request: inference_pb2.PredictionsRequest, context
@@ -90,15 +93,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
 
     @reads_unreadable
     async def StreamPredictions2(self, request_iterator, context) -> AsyncIterator:
-        async for request in request_iterator:
-            if isinstance(request, UnreadableRequest):  # no sequence_id to echo
-                status = grpc_status(InvalidInput(request.message))
-                yield inference_pb2.PredictionResponse(status=status_message(status))
-                continue
-            try:
-                yield await self.predict(request, context)
-            except PredictionFailed as failed:  # reported in this response's status
-                yield _response(request, status=status_message(failed.status))
+        principal = self.identity.of(context)
+        try:
+            await self.streams.open(principal)
+        except Exception as error:  # noqa: BLE001 - the refusal ends the stream
+            await PredictionFailed(grpc_status(error)).abort(context)
+        try:
+            async for request in self.streams.messages(request_iterator):
+                if isinstance(request, UnreadableRequest):  # no sequence_id to echo
+                    status = grpc_status(InvalidInput(request.message))
+                    yield inference_pb2.PredictionResponse(status=status_message(status))
+                    continue
+                try:
+                    yield await self.predict(request, context)
+                except PredictionFailed as failed:  # reported in this response's status
+                    yield _response(request, status=status_message(failed.status))
+        except StreamIdle as idle:
+            await PredictionFailed(grpc_status(idle)).abort(context)
+        finally:
+            self.streams.close(principal)
 
 
 def _response(

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 
 from stealguard.server.config import Config, ConfigError, load_config
+from stealguard.server.metering.settings import add_metering_flags, check_metering
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
@@ -24,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stealguard-sidecar",
         description="Serve the stealguard Defense gRPC API: model servers send class "
         "probabilities, the sidecar answers with protected ones.",
-        epilog="Subcommand: 'stealguard-sidecar proxy --help' for proxy mode.",
+        epilog="Subcommands: 'stealguard-sidecar proxy --help' for proxy mode, "
+        "'stealguard-sidecar usage --help' for each principal's metered rows.",
     )
     add_server_flags(parser, listen="127.0.0.1:50051", config_env="STEALGUARD_CONFIG")
     add_policy_flags(parser)
@@ -73,13 +75,10 @@ def add_server_flags(parser: argparse.ArgumentParser, *, listen: str, config_env
                        "--token-file is set)")
     group.add_argument("--grace",
                        help="seconds calls in flight get to finish after SIGTERM (default 10)")
-    group.add_argument("--rate-limit", dest="rate_limit",
-                       help="requests per second per client (default 0: no limit)")
-    group.add_argument("--rate-burst", dest="rate_burst",
-                       help="burst of the per-client rate limit (default: the rate)")
     group.add_argument("--client-header", dest="client_header",
-                       help="metadata key naming the client when no token or mTLS "
-                       "identifies it (default x-client-id)")
+                       help="metadata key naming the end client, believed only from a "
+                       "gateway token or with --trust-client-header (default x-client-id)")
+    add_metering_flags(parser)
 
 
 def add_policy_flags(parser: argparse.ArgumentParser) -> None:
@@ -133,6 +132,10 @@ def serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace, *,
         from stealguard.server.platform.lifecycle import serve_workers
 
         build_policies(config.policies, config.secret_bytes())
+        try:
+            check_metering(config, config.workers)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         server_credentials(config)
         if config.token_file:
             Tokens.from_file(config.token_file)
@@ -155,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         from stealguard.server.proxy.cli import main as proxy_main
 
         return proxy_main(argv[1:])
+    if argv[:1] == ["usage"]:
+        from stealguard.server.metering.usage import main as usage_main
+
+        return usage_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
 

@@ -25,7 +25,8 @@ kind to its protocol once. Anything else that escapes is a bug (INTERNAL).
   ``async def admit(self, principal: str, rows: int) -> None`` that returns to admit and
   raises ``Exhausted(message, retry_after=..., quota={...})`` to refuse. It is awaited on
   the event loop of the front end, so it may do I/O (Redis, Valkey) but must not block.
-  `stealguard.server.limits.TokenBucket` is the in-process one (`--rate-limit`).
+  `stealguard.server.metering.Meter` is the one the servers use (`--rate-limit`,
+  `--quota`, in rows, on a memory or Redis/Valkey store).
 - An *observer* (Prometheus metrics, metering records, detectors) is any object with
   ``def observe(self, exchange: Exchange) -> None``, called once per `protect` call that
   got past step 2, after the answer or the refusal. It runs inline, so it must be quick;

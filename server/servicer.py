@@ -18,6 +18,8 @@ from stealguard.server import metrics
 from stealguard.server.codec import tensor_to_flat, write_tensor
 from stealguard.server.core import ANONYMOUS, ProtectCore
 from stealguard.server.errors import Unavailable
+from stealguard.server.metering.inflight import Slots, StreamGuard, StreamIdle
+from stealguard.server.metering.meter import ADMISSION
 from stealguard.server.platform.identity import Identity
 from stealguard.server.platform.status import grpc_status, status_message
 from stealguard.v1 import defense_pb2, defense_pb2_grpc
@@ -32,10 +34,16 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
     """Serves Perturb, PerturbStream and ListPolicies over a `ProtectCore`."""
 
     def __init__(self, core: ProtectCore, identity: Identity | None = None, *,
-                 with_metrics: bool = False):
+                 with_metrics: bool = False, slots: Slots | None = None,
+                 streams: StreamGuard | None = None):
         self.core = core
         self.identity = identity or Identity()
         self.with_metrics = with_metrics
+        # per-principal caps on calls and streams in flight (stealguard.server.metering)
+        self.slots = slots if slots is not None and (slots.max_calls or slots.max_streams) \
+            else None
+        # a request stream's slot, opening charge and idle timeout (per principal)
+        self.streams = streams or StreamGuard()
         self.in_flight = 0  # handlers running now (what a drain waits for)
         self._idle_streams: set[asyncio.Task] = set()  # streams waiting for a message
 
@@ -62,8 +70,19 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
         write_tensor(response.probabilities, answer.rows.reshape(-1), tensor.shape)
         return response
 
-    def _principal(self, context) -> str:
-        return self.identity.of(context) if self.core.needs_principal else ANONYMOUS
+    def _caller(self, context):
+        """What is known of the caller, when a limiter, an observer or a slot cap will look
+        at its principal; else None (the principal is then ANONYMOUS)."""
+        if self.core.needs_principal or self.slots is not None:
+            return self.identity.caller(context)
+        return None
+
+    def _principal_of(self, caller, request) -> str:
+        """The principal one request is charged to: the end client it names in
+        `principal`, when its caller may speak for others (see principal.py)."""
+        if caller is None:
+            return ANONYMOUS
+        return self.identity.end_principal(caller, request.principal)
 
     def _count(self, method: str, policy: str, code: grpc.StatusCode) -> None:
         if self.with_metrics:
@@ -71,8 +90,16 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
 
     async def Perturb(self, request, context):
         self.in_flight += 1
+        principal = None
         try:
-            response = await self.perturb(request, self._principal(context))
+            principal = self._principal_of(self._caller(context), request)
+            if self.slots is not None:
+                self.slots.enter(principal, False)
+            try:
+                response = await self.perturb(request, principal)
+            finally:
+                if self.slots is not None:
+                    self.slots.leave(principal, False)
         except Exception as error:  # noqa: BLE001 - every error becomes a status
             status = grpc_status(error)
         else:
@@ -85,9 +112,28 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
             self._count("Perturb", "-", status.code)
             await context.abort(status.code, status.message,
                                 trailing_metadata=tuple(status.trailing))
+        admission = ADMISSION.get()
+        if admission is not None and admission.principal == principal:
+            context.set_trailing_metadata(admission.metadata())  # who paid, what is left
         if self.with_metrics:
             self._count("Perturb", response.policy, grpc.StatusCode.OK)
         return response
+
+    async def _open_stream(self, context):
+        """The caller of a new request stream and its principal, its slot taken and its
+        opening charged (`StreamGuard`), or the call ended with the refusal."""
+        caller = self._caller(context)
+        if caller is None:
+            return None, ANONYMOUS
+        principal = self.identity.end_principal(caller, "")
+        try:
+            await self.streams.open(principal)
+        except Exception as error:  # noqa: BLE001
+            status = grpc_status(error)
+            self._count("PerturbStream", "-", status.code)
+            await context.abort(status.code, status.message,
+                                trailing_metadata=tuple(status.trailing))
+        return caller, principal
 
     async def PerturbStream(
         self, request_iterator, context
@@ -96,8 +142,8 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
         status, or with `keep_stream_on_error` gets a reply carrying that status and the
         stream goes on. A drain ends the stream, at once if it waits for its next message."""
         task = asyncio.current_task()
-        requests = request_iterator.__aiter__()
-        principal = self._principal(context)
+        requests = self.streams.messages(request_iterator)
+        caller, opener = await self._open_stream(context)
         index = 0
         self.in_flight += 1
         counted = True
@@ -117,6 +163,8 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
                     request = await requests.__anext__()
                 except StopAsyncIteration:
                     return
+                except StreamIdle as idle:
+                    await end(*grpc_status(idle))
                 except asyncio.CancelledError:
                     if self.core.unavailable is None:
                         raise
@@ -124,6 +172,8 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
                 finally:
                     self._idle_streams.discard(task)
                 try:
+                    principal = opener if not request.principal else \
+                        self._principal_of(caller, request)
                     response = await self.perturb(request, principal)
                 except Exception as error:  # noqa: BLE001
                     status = grpc_status(error, prefix=f"stream message {index}: ")
@@ -140,6 +190,8 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
         finally:
             if counted:
                 self.in_flight -= 1
+            if caller is not None:
+                self.streams.close(opener)
 
     async def ListPolicies(self, request, context):
         return defense_pb2.ListPoliciesResponse(

@@ -40,7 +40,7 @@ def setting(default: Any = None, kind: str = "str", *, min: float | None = None,
             positive: bool = False, choices: tuple[str, ...] = (), env: str | None = None,
             factory: Callable[[], Any] | None = None) -> Any:
     """A settings field: its default, kind (str, int, float, duration, bool, file,
-    address, path, choice, port), least value (or `positive`: above 0), choices and own
+    address, path, choice, port, list), least value (or `positive`: above 0), choices and own
     environment variable."""
     metadata = {"kind": kind, "min": min, "positive": positive, "choices": choices,
                 "env": env}
@@ -84,12 +84,23 @@ class ServerSettings:
     tls_key: str = setting("", "file")
     tls_ca: str = setting("", "file")
     token_file: str = setting("", "file")
-    # Per-client accounting: see stealguard.server.platform.identity. rate_limit > 0 gives
-    # each client a token bucket of that many requests per second (burst rate_burst,
-    # default = rate_limit); 0: no limit.
+    # Who the principal is: see stealguard.server.principal; the client header is believed
+    # only from gateway tokens, or from anyone with trust_client_header.
     client_header: str = setting("x-client-id")
+    trust_client_header: bool = setting(False, "bool")
+    # Metering, in rows (stealguard.server.metering): rate_limit rows/s per principal
+    # (burst rate_burst rows, default = rate_limit; 0: no limit), quotas "N/PERIOD" over
+    # rolling windows, counted in `store` (memory, or redis:// shared by every process);
+    # store_failure: what happens while the store is down.
     rate_limit: float = setting(0.0, "float", min=0)
     rate_burst: int = setting(0, "int", min=0)
+    quota: list = setting(kind="list", factory=list)
+    store: str = setting("memory")
+    store_failure: str = setting("closed", "choice", choices=("closed", "open"))
+    # Slots per principal (0: no cap), and how long a request stream may stay silent.
+    max_calls_per_principal: int = setting(64, "int", min=0)
+    max_streams_per_principal: int = setting(16, "int", min=0)
+    stream_idle_timeout: float = setting(300.0, "duration", min=0)
 
     #: Fields that must be given together (flag names in the message).
     PAIRS = (("tls_cert", "tls_key"),)
@@ -227,6 +238,11 @@ _DURATION = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|s|
 def parse(item: dataclasses.Field, value: Any, where: str) -> Any:
     """`value` read as the kind of settings field `item`; ConfigError naming `where`."""
     kind, low = item.metadata["kind"], item.metadata["min"]
+    if kind == "list":  # a YAML list, a list of flags, or "a,b" from the environment
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{where}: must be a list, got {value!r}")
+        return [str(v).strip() for v in items if str(v).strip()]
     if kind in ("int", "port"):
         value = _as_int(value, where)
         if kind == "port" and not 0 <= value <= 65535:

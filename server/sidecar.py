@@ -7,18 +7,22 @@ the policies of a fresh config between calls; SIGTERM drains (the platform's lif
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 from stealguard.server.config import Config
 from stealguard.server.core import ProtectCore
 from stealguard.server.defenses import warm_up
-from stealguard.server.limits import TokenBucket
+from stealguard.server.extproc.servicer import SERVICE as EXTPROC_SERVICE
+from stealguard.server.extproc.servicer import ExternalProcessorServicer, add_extproc
+from stealguard.server.metering.inflight import Slots
+from stealguard.server.metering.settings import meter_of, stream_guard
 from stealguard.server.metrics import MetricsObserver
 from stealguard.server.platform import lifecycle
 from stealguard.server.platform.app import GrpcApp
 from stealguard.server.platform.lenient import add_lenient
 from stealguard.server.platform.metrics import serve_metrics
-from stealguard.server.policies import PolicySet
+from stealguard.server.proxy.options import ProxyPolicies
 from stealguard.server.servicer import DRAINING, WARMING_UP, DefenseServicer
 from stealguard.v1 import defense_pb2, defense_pb2_grpc
 
@@ -30,10 +34,29 @@ DEFENSE_SERVICE = defense_pb2.DESCRIPTOR.services_by_name["Defense"].full_name
 def protect_core(config: Config, policies) -> ProtectCore:
     """The core with `config`'s limits and, when metrics are on, the metrics observer
     (the sidecar and the proxy build theirs the same way)."""
-    limiter = TokenBucket(config.rate_limit, config.rate_burst) if config.rate_limit else None
+    limiter = meter_of(config)
     observers = [MetricsObserver()] if config.metrics_port else []
     return ProtectCore(policies, max_rows=config.max_rows, limiter=limiter,
                        observers=observers)
+
+
+def warm_kernels(core: ProtectCore, policies, who: str, logger: logging.Logger) -> float:
+    """`warm_up` for the kernels `policies` use, single-thread ones first; returns once those
+    are in. Each progress message is logged and, until then, is the reason `core` refuses
+    calls with ("the sidecar is warming up its kernels (compiling ...: 1/4 ...)")."""
+    lock, warming = threading.Lock(), [True]
+
+    def progress(message: str) -> None:
+        logger.info("%s", message)
+        with lock:  # never after the return below: then the lifecycle opens the core
+            if warming[0]:
+                core.refuse(f"the {who} is warming up its kernels ({message}); retry shortly")
+
+    seconds = warm_up({p.name: p.defense for p in policies}, progress=progress,
+                      background=True)
+    with lock:
+        warming[0] = False
+    return seconds
 
 
 def describe_policies(policies) -> str:
@@ -46,16 +69,19 @@ class Sidecar(lifecycle.Service):
     draining = DRAINING
 
     def __init__(self, config: Config, servicer: DefenseServicer,
-                 reload: Callable[[], Config] | None, app: GrpcApp | None = None):
+                 reload: Callable[[], Config] | None,
+                 extproc: ExternalProcessorServicer | None = None, app: GrpcApp | None = None):
         self.config = config
         self.app = app
         self.servicer = servicer
+        self.extproc = extproc
         self.core = servicer.core
         self._reload = reload
         self.reloadable = reload is not None
 
     def warm_up(self) -> str:
-        return f"ready: kernels warm in {warm_up():.2f}s"
+        seconds = warm_kernels(self.core, self.core.policies, "sidecar", log)
+        return f"ready: kernels warm in {seconds:.2f}s"
 
     def drain(self) -> None:
         super().drain()
@@ -65,15 +91,27 @@ class Sidecar(lifecycle.Service):
     def reload(self) -> str:
         core = self.servicer.core
         config = self._reload()
-        policies = PolicySet.from_config(config.policies, self.config.secret_bytes())
+        new = ProxyPolicies.from_config(config.policies, self.config.secret_bytes())
         install = self.app.prepare_reload(config) if self.app else None
-        core.policies = policies
+        core.policies = new.policies
+        if self.extproc is not None:  # its on_unrecognized / outputs keys, swapped together
+            self.extproc.options = new.resolve
         security = install() if install else ""
         return describe_policies(core.policies) + (f"; {security}" if security else "")
 
     @property
     def in_flight(self) -> int:
         return self.servicer.in_flight
+
+    async def close(self) -> None:
+        await close_limiter(self.servicer.core)
+
+
+async def close_limiter(core: ProtectCore) -> None:
+    """After the server stopped: give the meter's unspent leases back to its store."""
+    close = getattr(core.limiter, "close", None)
+    if close is not None:
+        await close()
 
 
 async def run_sidecar(config: Config, *, reuse_port: bool = False,
@@ -84,13 +122,19 @@ async def run_sidecar(config: Config, *, reuse_port: bool = False,
     new config is logged and the old policies stay. The token file and TLS certificates
     are reloaded with them (`GrpcApp.prepare_reload`).
     """
-    policies = PolicySet.from_config(config.policies, config.secret_bytes())
+    proxy_policies = ProxyPolicies.from_config(config.policies, config.secret_bytes())
+    policies = proxy_policies.policies
     core = protect_core(config, policies)
     core.refuse(WARMING_UP)
-    app = GrpcApp.from_settings(config, [DEFENSE_SERVICE], reuse_port=reuse_port, logger=log)
-    servicer = DefenseServicer(core, app.identity, with_metrics=bool(config.metrics_port))
+    app = GrpcApp.from_settings(config, [DEFENSE_SERVICE, EXTPROC_SERVICE],
+                                reuse_port=reuse_port, logger=log)
+    servicer = DefenseServicer(
+        core, app.identity, with_metrics=bool(config.metrics_port),
+        slots=Slots(config.max_calls_per_principal, config.max_streams_per_principal),
+        streams=stream_guard(config, core))
     add_lenient(defense_pb2_grpc.add_DefenseServicer_to_server, servicer, app.server)
+    extproc = add_extproc(app.server, core, proxy_policies, app.identity, config)  # Envoy
 
     serve_metrics(config.metrics_port, log, settings=config)
-    await lifecycle.run(app, Sidecar(config, servicer, reload, app),
+    await lifecycle.run(app, Sidecar(config, servicer, reload, extproc, app),
                         details=f", policies: {describe_policies(policies)}")

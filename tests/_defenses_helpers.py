@@ -37,3 +37,33 @@ def digits_softmax_rows() -> np.ndarray:
     x = x / 16.0
     model = LogisticRegression(max_iter=300).fit(x[:1200], y[:1200])
     return model.predict_proba(x[1200:])
+
+
+# The secret the `sidecar` fixture runs with (STEALGUARD_SECRET), so that tests can compute
+# the default policy's keyed answers in process.
+TEST_SECRET = "stealguard-tests"
+
+
+def default_defense():
+    """The sidecar's default policy, keyed as the `sidecar` fixture is."""
+    from stealguard.server.config import DEFAULT_POLICY
+    from stealguard.server.defenses import make_defense
+
+    params = {k: v for k, v in DEFAULT_POLICY.items() if k != "defense"}
+    return make_defense(DEFAULT_POLICY["defense"], secret=TEST_SECRET.encode(), **params)
+
+
+def assert_protected_like(got: np.ndarray, expected: np.ndarray, raw: np.ndarray) -> None:
+    """`got` carries what the default policy discloses of `raw` as `expected` does.
+
+    The default's keyed rest depends on the exact bytes the defense saw: a raw row computed
+    elsewhere (another process, another batch) may differ in its last bit and get another
+    rest. The label, the served top probability and the row sum must agree; and `got` must
+    really be protected, not the raw vector.
+    """
+    got, expected, raw = (np.atleast_2d(np.asarray(a, np.float64)) for a in (got, expected, raw))
+    np.testing.assert_array_equal(got.argmax(-1), raw.argmax(-1))
+    np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
+    np.testing.assert_allclose(got.max(-1), expected.max(-1), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-6)
+    assert not np.allclose(got, raw, rtol=1e-3, atol=1e-12)  # really perturbed

@@ -6,6 +6,7 @@ and stopped by PID (SIGTERM, then SIGKILL if it does not exit).
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -48,19 +49,27 @@ def script(name: str) -> str:
 
 
 class Process:
-    """A console script running in the background, its output in a log file."""
+    """A console script running in the background, its output in a log file.
+
+    The log file is deleted when the process is stopped (its text is kept for `output()`),
+    so that a test run leaves nothing in the temporary directory.
+    """
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None,
                  cwd: str | None = None):
         self.args = args
+        self._final_output: str | None = None
         self.log_path = Path(tempfile.mkstemp(prefix="stealguard-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         full_env = {**os.environ, **(env or {})}
         self.popen = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
                                       env=full_env, cwd=cwd, stdin=subprocess.DEVNULL)
         self.pid = self.popen.pid
+        _RUNNING.add(self)
 
     def output(self) -> str:
+        if self._final_output is not None:
+            return self._final_output
         if not self._log.closed:
             self._log.flush()
         return self.log_path.read_text(errors="replace")
@@ -86,8 +95,22 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
-        self._log.close()
+        if self._final_output is None:
+            self._log.close()
+            self._final_output = self.log_path.read_text(errors="replace")
+            self.log_path.unlink(missing_ok=True)
+        _RUNNING.discard(self)
         return self.popen.returncode
+
+
+# Processes not stopped yet: a test that forgets one still leaves no process or log behind.
+_RUNNING: set[Process] = set()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for process in list(_RUNNING):
+        process.stop(signal.SIGKILL)
 
 
 def start_sidecar(*extra: str, env: dict[str, str] | None = None,
@@ -95,6 +118,9 @@ def start_sidecar(*extra: str, env: dict[str, str] | None = None,
     """Start `stealguard-sidecar` on a free loopback port; returns (process, address)."""
     port = port or free_port()
     address = f"127.0.0.1:{port}"
+    # one secret for every test sidecar, so keyed answers survive a restart and can be
+    # computed in process (tests/_defenses_helpers.py default_defense)
+    env = {"STEALGUARD_SECRET": "stealguard-tests", **(env or {})}
     process = Process([script("stealguard-sidecar"), "--listen", address, *extra], env=env)
     if wait:
         try:

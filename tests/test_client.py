@@ -8,6 +8,7 @@ import signal
 import grpc
 import numpy as np
 import pytest
+from _defenses_helpers import default_defense
 from _procs import free_port, start_sidecar
 from stealguard.client import (
     AsyncDefenseClient,
@@ -17,7 +18,6 @@ from stealguard.client import (
     protect,
     protect_async,
 )
-from stealguard.server.defenses import make_defense
 
 PROBS = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], dtype=np.float32)
 LABELS = np.array([[1, 0, 0], [0, 0, 1]], dtype=np.float32)
@@ -26,7 +26,7 @@ LABELS = np.array([[1, 0, 0], [0, 0, 1]], dtype=np.float32)
 def test_perturb_returns_the_protected_rows(sidecar):
     with DefenseClient(sidecar, timeout=10) as client:
         got = client.perturb(PROBS, model="mnist")
-    assert got.tobytes() == make_defense("reverse_sigmoid")(PROBS).tobytes()
+    assert got.tobytes() == default_defense()(PROBS).tobytes()
 
 
 def test_async_client_matches_the_sync_client(sidecar):
@@ -41,7 +41,7 @@ def test_async_client_matches_the_sync_client(sidecar):
 
 def test_protect_passes_through_the_sidecar_answer(sidecar):
     got = protect(DefenseClient(sidecar, timeout=10), PROBS, model="mnist")
-    assert got.tobytes() == make_defense("reverse_sigmoid")(PROBS).tobytes()
+    assert got.tobytes() == default_defense()(PROBS).tobytes()
 
 
 def test_unreachable_sidecar_gives_label_only_rows_never_raw():
@@ -94,9 +94,41 @@ def test_per_call_timeout_overrides_the_clients_and_none_left_fails_closed():
         process.stop()
 
 
-def test_sidecar_rejection_is_fail_closed_too(sidecar):
+def test_rows_the_sidecar_rejects_raise_instead_of_falling_back_to_labels(sidecar):
     bad = PROBS * 2  # rows sum to 2: INVALID_ARGUMENT
-    np.testing.assert_array_equal(protect(DefenseClient(sidecar, timeout=10), bad), LABELS)
+    with pytest.raises(SidecarError) as error:
+        protect(DefenseClient(sidecar, timeout=10), bad)
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "row 0" in error.value.details
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+def test_nan_row_raises_invalid_argument_in_every_mode(sidecar, fail_open):
+    nan_row = np.array([[0.2, 0.3, np.nan]], dtype=np.float32)
+    with pytest.raises(SidecarError) as error:
+        protect(DefenseClient(sidecar, timeout=10), nan_row, fail_open=fail_open)
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not finite" in error.value.details
+
+
+def test_nan_row_raises_when_the_sidecar_is_unreachable_instead_of_a_label_from_nan():
+    rows = np.array([[0.7, 0.2, 0.1], [0.2, 0.3, np.nan]])
+    with pytest.raises(SidecarError) as error:
+        protect(DefenseClient(f"127.0.0.1:{free_port()}", timeout=0.5), rows)
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details == "row 1: value nan at column 2 is not finite"
+
+
+def test_async_nan_row_raises_when_the_sidecar_is_unreachable():
+    async def run():
+        client = AsyncDefenseClient(f"127.0.0.1:{free_port()}", timeout=0.5)
+        try:
+            return await protect_async(client, np.array([np.inf, 0.0]))
+        finally:
+            await client.close()
+
+    with pytest.raises(SidecarError, match="row 0: value inf at column 0 is not finite"):
+        asyncio.run(run())
 
 
 def test_async_protect_fails_closed():

@@ -83,7 +83,8 @@ def test_stalled_sidecar_times_out_each_call_and_protect_fails_closed():
                 with pytest.raises(SidecarError) as error:
                     await client.perturb(PROBS, timeout=0.2)
                 assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-                assert time.monotonic() - started < 5  # the call's 0.2 s, not the client's 30
+                # the call's 0.2 s, not the client's 30 s: any busy machine is well below 15
+                assert time.monotonic() - started < 15
                 return await protect_async(client, PROBS, timeout=0.2)
 
         np.testing.assert_array_equal(asyncio.run(run()), LABELS)
@@ -144,7 +145,7 @@ def test_draining_sidecar_ends_an_idle_stream_at_once():
                     await asyncio.sleep(0.05)
                 return time.monotonic() - started
 
-        assert asyncio.run(run()) < 5  # its grace period is 10 s
+        assert asyncio.run(run()) < 9  # before its grace period of 10 s ends
         assert process.popen.returncode == 0
     finally:
         process.stop()
@@ -183,7 +184,8 @@ def test_blocking_client_gets_a_rejected_requests_error_on_the_same_stream(sidec
         assert client._stream._stream is opened and not opened.ended
         assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert "row 0" in error.value.details
-        assert protect(client, bad).tolist() == [[1.0] + [0.0] * 9] * 2  # fails closed
+        with pytest.raises(SidecarError):  # invalid rows raise, they get no label
+            protect(client, bad)
     with DefenseClient(sidecar, timeout=10) as unary:
         for sent, got in zip(rows, answers, strict=True):
             assert got.tobytes() == unary.perturb(sent).tobytes()
@@ -199,7 +201,7 @@ def test_blocking_client_times_out_on_a_stalled_sidecar_and_fails_closed():
             with pytest.raises(SidecarError) as error:
                 client.perturb(PROBS, timeout=0.2)
             assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert time.monotonic() - started < 5
+            assert time.monotonic() - started < 15  # the call's 0.2 s, not the client's 30
             np.testing.assert_array_equal(protect(client, PROBS, timeout=0.2), LABELS)
             process.popen.send_signal(signal.SIGCONT)
             assert client.perturb(PROBS).shape == PROBS.shape  # the stream works again

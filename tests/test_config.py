@@ -8,13 +8,21 @@ def write(tmp_path, text):
     return path
 
 
-def test_defaults_protect_everything_with_reverse_sigmoid():
+def test_defaults_protect_everything_with_coarse_confidence():
     config = load_config(env={})
     assert config.listen == "127.0.0.1:50051"
     assert config.policies == {
-        "default": {"defense": "reverse_sigmoid", "beta": 1.5, "gamma": 0.3,
-                    "preserve_top1": True}
+        "default": {"defense": "coarse_confidence", "edges": [0.999, 0.99999], "margin": 0.02}
     }
+
+
+def test_beta_without_a_defense_names_the_default_defense_and_its_parameters():
+    from stealguard.server.policies import PolicySet
+
+    config = load_config(env={}, overrides={"beta": 1.0})
+    with pytest.raises(ConfigError, match="policy 'default': coarse_confidence: unknown "
+                                          "parameter 'beta'; accepted: edges, values, margin"):
+        PolicySet.from_config(config.policies, secret=b"")
 
 
 def test_file_then_env_then_flags_each_win_over_the_previous(tmp_path):

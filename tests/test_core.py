@@ -251,12 +251,14 @@ def test_missing_or_wrong_token_is_unauthenticated(tokens, authorization):
         Identity(tokens).principal(metadata)
 
 
-def test_principal_without_tokens_is_the_mtls_subject_else_the_header_else_anonymous():
+def test_principal_without_tokens_is_the_mtls_subject_else_the_peer_never_the_header():
     identity = Identity(client_header="X-Client-Id")
     assert identity.principal({"x-client-id": "app"}, subject="client.example") == \
         "client.example"
-    assert identity.principal({"x-client-id": "a" * 500}) == "a" * 128
-    assert identity.principal({}) == ANONYMOUS
+    assert identity.principal({"x-client-id": "liar"}, peer="ipv4:10.1.2.3:555") == \
+        "peer:10.1.2.3"
+    trusting = Identity(client_header="X-Client-Id", trust_client_header=True)
+    assert trusting.principal({"x-client-id": "a" * 500}) == "a" * 128
 
 
 def test_importing_the_platform_does_not_import_numba():

@@ -69,7 +69,8 @@ def guarded(pki, tmp_path_factory):
     process, _ = start_sidecar(
         "--tls-cert", pki.path("server.pem"), "--tls-key", pki.path("server.key"),
         "--tls-ca", pki.path("ca.pem"), "--token-file", str(tokens),
-        "--rate-limit", "2", "--rate-burst", "3", "--metrics-port", str(metrics_port),
+        # rows: 2/s, 7 at once = opening a stream (1) and three calls of ROWS (2 rows each)
+        "--rate-limit", "2", "--rate-burst", "7", "--metrics-port", str(metrics_port),
         "--metrics-per-client",
         port=port, wait=False)
     mtls = channel_credentials(pki.path("ca.pem"), pki.path("client.pem"), pki.path("client.key"))
@@ -113,13 +114,14 @@ def test_rate_limit_per_client_is_resource_exhausted(guarded):
     address, mtls, _ = guarded
     client = DefenseClient(address, timeout=10, credentials=mtls, token="s3cret-limited")
     codes = []
-    for _ in range(6):  # burst 3, 2/s: the 4th to 6th in a quick row are refused
+    for _ in range(6):  # 2 rows each, burst 7, 2/s: the 4th to 6th in a quick row are refused
         try:
             client.perturb(ROWS)
             codes.append("OK")
         except SidecarError as error:
             codes.append(error.code.name)
-            assert "client 'limited' is over its rate limit of 2 requests/s" in error.details
+            assert ("principal 'limited' is over its limit for a call of 2 rows: "
+                    "rate 2 rows/s (burst 7)") in error.details
     assert codes[:3] == ["OK"] * 3 and "RESOURCE_EXHAUSTED" in codes[3:]
     # another client is not affected
     other = DefenseClient(address, timeout=10, credentials=mtls, token="s3cret-shop")
@@ -136,11 +138,11 @@ def test_every_message_of_a_stream_is_charged_to_the_rate_limit_and_counted(guar
             timeout=10)
         answered = []
         with pytest.raises(grpc.RpcError) as error:
-            for reply in replies:  # burst 3, 2/s: the 4th message in a quick row is refused
+            for reply in replies:  # 1 row to open, 2 a message: the 4th message is refused
                 answered.append(reply)
     assert len(answered) == 3
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "client 'streamer' is over its rate limit of 2 requests/s" in error.value.details()
+    assert "principal 'streamer' is over its limit" in error.value.details()
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
     assert 'stealguard_client_queries_total{client="streamer"} 3.0' in text.decode()
 
@@ -294,13 +296,14 @@ def test_sighup_swaps_policies_under_load_with_zero_errors(tmp_path):
 
 
 def test_callers_cannot_add_per_client_series_without_end():
-    """Without tokens a client names itself (x-client-id): past MAX_CLIENT_SERIES names,
-    new ones share one series, so /metrics and memory stay bounded."""
+    """Behind a gateway (--trust-client-header) a client is named by x-client-id: past
+    MAX_CLIENT_SERIES names, new ones share one series, so /metrics and memory stay
+    bounded."""
     from stealguard.server.platform.metrics import MAX_CLIENT_SERIES, OTHER_CLIENTS
 
     metrics_port = free_port()
     process, address = start_sidecar("--metrics-port", str(metrics_port),
-                                     "--metrics-per-client")
+                                     "--trust-client-header", "--metrics-per-client")
     extra = 25
     try:
         request = defense_pb2.PerturbRequest(probabilities=array_to_tensor(ROWS))

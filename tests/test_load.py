@@ -224,7 +224,8 @@ def test_corrected_p99_shows_a_server_stall_that_uncorrected_hides():
         process.stop()
     assert doc["ok"] == doc["requests"] >= 900
     assert doc["latency_ms"]["p99"] >= 150
-    assert doc["uncorrected_latency_ms"]["p99"] < 50
+    # below the 200 ms stall, however slow a busy machine makes ordinary calls
+    assert doc["uncorrected_latency_ms"]["p99"] < 150
     assert doc["uncorrected_latency_ms"]["max"] >= 150  # the stall happened, ghz-style p99 hid it
 
 

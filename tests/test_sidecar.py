@@ -9,6 +9,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from _defenses_helpers import default_defense
 from _procs import Process, free_port, health_status, script, start_sidecar
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from stealguard.client import DefenseClient, SidecarError
@@ -41,7 +42,7 @@ def request(array, model="", **kw):
 def test_perturb_equals_the_in_process_defense_bit_for_bit(sidecar, dtype):
     rows = ROWS.astype(dtype)
     reply = call(sidecar, request(rows, request_id="r-1"))
-    expected = make_defense("reverse_sigmoid", beta=1.5, gamma=0.3, preserve_top1=True)(rows)
+    expected = default_defense()(rows)
     got = tensor_to_array(reply.probabilities)
     assert got.dtype == dtype and got.shape == rows.shape
     assert got.tobytes() == expected.tobytes()
@@ -53,8 +54,12 @@ def test_perturb_equals_the_in_process_defense_bit_for_bit(sidecar, dtype):
 def test_logits_are_softmaxed_before_the_defense(sidecar):
     logits = np.log(ROWS.astype(np.float64)) + 3.0
     reply = call(sidecar, request(logits, logits=True))
-    expected = make_defense("reverse_sigmoid")(ROWS.astype(np.float64))
-    np.testing.assert_allclose(tensor_to_array(reply.probabilities), expected, atol=1e-9)
+    expected = default_defense()(ROWS.astype(np.float64))
+    # softmax(logits) equals ROWS up to rounding, so the keyed rest may differ; the label
+    # and the served confidence level may not
+    got = tensor_to_array(reply.probabilities)
+    np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
+    np.testing.assert_allclose(got.max(1), expected.max(1), atol=1e-9)
 
 
 def test_one_row_keeps_its_one_dimensional_shape(sidecar):
@@ -72,7 +77,7 @@ def test_stream_answers_every_request_in_order(sidecar):
     requests = [request(b, request_id=str(i)) for i, b in enumerate(batches)]
     replies = list(stub(sidecar).PerturbStream(iter(requests), timeout=10))
     assert [r.request_id for r in replies] == ["0", "1", "2", "3", "4"]
-    defense = make_defense("reverse_sigmoid")
+    defense = default_defense()
     for batch, reply in zip(batches, replies, strict=True):
         assert tensor_to_array(reply.probabilities).tobytes() == defense(batch).tobytes()
 
@@ -99,7 +104,7 @@ def test_stream_with_keep_stream_on_error_answers_a_bad_message_and_goes_on(side
     assert refused.error.message.startswith("stream message 1: ") and "row 0" in \
         refused.error.message
     assert not refused.HasField("probabilities") and refused.policy == ""
-    expected = make_defense("reverse_sigmoid")(ROWS).tobytes()
+    expected = default_defense()(ROWS).tobytes()
     for reply in (replies[0], *replies[2:]):
         assert not reply.HasField("error")
         assert tensor_to_array(reply.probabilities).tobytes() == expected
@@ -107,8 +112,9 @@ def test_stream_with_keep_stream_on_error_answers_a_bad_message_and_goes_on(side
 
 def test_list_policies_reports_the_default_policy(sidecar):
     policies = DefenseClient(sidecar).policies()
-    assert policies == [{"name": "default", "defense": "reverse_sigmoid",
-                         "params": {"beta": 1.5, "gamma": 0.3, "preserve_top1": 1.0}}]
+    assert policies == [{"name": "default", "defense": "coarse_confidence",
+                         "params": default_defense().params}]
+    assert not any("secret" in key or "key" in key for key in policies[0]["params"])
 
 
 @pytest.mark.parametrize(
@@ -213,7 +219,9 @@ def test_health_is_not_serving_until_kernels_are_warm(sidecar):
                 break
             time.sleep(0.01)
         assert "NOT_SERVING" in seen and status == "SERVING", process.output()
-        assert "UNAVAILABLE: the sidecar is warming up its kernels; retry shortly" in seen
+        refusals = {s for s in seen if s.startswith("UNAVAILABLE: ")}
+        assert refusals and all("the sidecar is warming up its kernels" in s
+                                and s.endswith("; retry shortly") for s in refusals), seen
         assert DefenseClient(address, timeout=10).perturb(ROWS).shape == ROWS.shape
     finally:
         process.stop()

@@ -70,7 +70,8 @@ class GrpcApp:
         """A server with the listener, limits, TLS, tokens and metrics of `settings` (any
         object with the attributes of `stealguard.server.settings.ServerSettings`)."""
         tokens = Tokens.from_file(settings.token_file) if settings.token_file else None
-        identity = Identity(tokens, settings.client_header, mtls=bool(settings.tls_ca))
+        identity = Identity(tokens, settings.client_header, mtls=bool(settings.tls_ca),
+                            trust_client_header=settings.trust_client_header)
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if tokens is not None:
             interceptors.append(AuthInterceptor(identity))

@@ -1,8 +1,9 @@
 """TLS credentials and bearer tokens for stealguard's servers.
 
 Tokens are read from a file, one per line: `name:token` (the name identifies the client
-in metrics and logs) or a bare `token` (named `token-<line>`). Blank lines and lines
-starting with `#` are skipped. Presented tokens are compared in constant time.
+in metrics and logs), `name:token:gateway` (a gateway, believed when it names the end
+client in `x-client-id`: see principal.py) or a bare `token` (named `token-<line>`).
+Blank lines and lines starting with `#` are skipped. Presented tokens are compared in constant time.
 
 Both are reloadable (SIGHUP, `GrpcApp.prepare_reload`): the certificates are served
 through gRPC's dynamic credentials (`Certificates`), so a new key pair or CA applies to the
@@ -16,6 +17,7 @@ import ssl
 from pathlib import Path
 
 import grpc
+from stealguard.server.principal import split_gateway_mark
 from stealguard.server.settings import ConfigError, ServerSettings
 
 
@@ -85,12 +87,14 @@ class Certificates:
 class Tokens:
     """The accepted bearer tokens and the client name each one stands for."""
 
-    def __init__(self, named: dict[str, str]):
+    def __init__(self, named: dict[str, str], gateways: frozenset[str] = frozenset()):
         self._named = [(name, token.encode()) for name, token in named.items()]
+        self.gateways = gateways  # names whose `x-client-id` is believed
 
     @classmethod
     def from_file(cls, path: str) -> Tokens:
         named: dict[str, str] = {}
+        gateways = set()
         text = _read(path, "--token-file").decode("utf-8", errors="replace")
         for number, line in enumerate(text.splitlines(), start=1):
             line = line.strip()
@@ -99,12 +103,15 @@ class Tokens:
             name, sep, token = line.partition(":")
             if not sep:
                 name, token = f"token-{number}", line
+            token, gateway = split_gateway_mark(token.strip())
             if not token.strip():
                 raise ConfigError(f"{path}:{number}: empty token")
             named[name.strip()] = token.strip()
+            if gateway:
+                gateways.add(name.strip())
         if not named:
             raise ConfigError(f"{path}: no token in the file; every call would be refused")
-        return cls(named)
+        return cls(named, frozenset(gateways))
 
     def __len__(self) -> int:
         return len(self._named)

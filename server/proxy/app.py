@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 
 from stealguard.server.config import Config
-from stealguard.server.defenses import warm_up
+from stealguard.server.metering.settings import stream_guard
 from stealguard.server.platform import lifecycle
 from stealguard.server.platform.app import GrpcApp
 from stealguard.server.platform.metrics import serve_metrics
@@ -23,7 +23,7 @@ from stealguard.server.proxy.options import ProxyPolicies
 from stealguard.server.proxy.torchserve import TorchServeProxy
 from stealguard.server.proxy.upstream import Upstream, upstream_credentials
 from stealguard.server.proxy.v2 import V2Proxy
-from stealguard.server.sidecar import protect_core
+from stealguard.server.sidecar import close_limiter, protect_core, warm_kernels
 
 log = logging.getLogger("stealguard.proxy")
 
@@ -48,7 +48,8 @@ class Proxy(lifecycle.Service):
         self.draining = DRAINING
 
     def warm_up(self) -> str:
-        return f"kernels warm in {warm_up():.2f}s"
+        seconds = warm_kernels(self.core, self.core.policies, "proxy", log)
+        return f"kernels warm in {seconds:.2f}s"
 
     async def serving(self, app: GrpcApp) -> None:
         self.proxy.core.open()
@@ -72,6 +73,7 @@ class Proxy(lifecycle.Service):
         if self.watcher is not None:
             self.watcher.cancel()
         await self.upstream.close()
+        await close_limiter(self.proxy.core)
 
 
 async def run_proxy(config: Config, *, reuse_port: bool = False, health_interval: float = 1.0,
@@ -91,7 +93,8 @@ async def run_proxy(config: Config, *, reuse_port: bool = False, health_interval
     core.refuse(WARMING_UP)
     app = GrpcApp.from_settings(config, [PROTOCOLS[config.protocol].service],
                                 reuse_port=reuse_port, logger=log)
-    proxy = PROTOCOLS[config.protocol](upstream, policies, core, app.identity)
+    proxy = PROTOCOLS[config.protocol](upstream, policies, core, app.identity,
+                                       stream_guard(config, core))
     proxy.add_to(app.server)
 
     serve_metrics(config.metrics_port, log, settings=config)

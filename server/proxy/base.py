@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from stealguard.server.core import ANONYMOUS, ProtectCore
+from stealguard.server.metering.inflight import StreamGuard
 from stealguard.server.platform.identity import Identity
 from stealguard.server.proxy.options import ProxyPolicies, ProxyPolicy
 from stealguard.server.proxy.upstream import Upstream
@@ -25,10 +26,12 @@ class ProxyServicer:
     stub_class: type
 
     def __init__(self, upstream: Upstream, policies: ProxyPolicies, core: ProtectCore,
-                 identity: Identity | None = None):
+                 identity: Identity | None = None, streams: StreamGuard | None = None):
         self.upstream = upstream
         self.core = core
         self.identity = identity or Identity()
+        # a request stream's slot, opening charge and idle timeout (per principal)
+        self.streams = streams or StreamGuard()
         self.policies = policies
         self.stub = self.stub_class(upstream.channel)
 

@@ -14,6 +14,7 @@ model an answer belongs to, so no answer of a protected model can come back raw.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import secrets
 from collections import deque
@@ -22,6 +23,7 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf import empty_pb2
 from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc
+from stealguard.server.metering.inflight import StreamIdle
 from stealguard.server.platform import status
 from stealguard.server.platform.lenient import add_lenient
 from stealguard.server.proxy.base import ProxyServicer
@@ -73,28 +75,40 @@ class TorchServeProxy(ProxyServicer, inference_pb2_grpc.InferenceAPIsServiceServ
     @status.streaming
     async def StreamPredictions2(self, request_iterator, context):
         pending = _Pending()
+        principal = self.identity.of(context)
+        await self.streams.open(principal)  # its slot, one row, the idle timeout
+        handler, idle = asyncio.current_task(), []
 
         async def requests() -> AsyncIterator[inference_pb2.PredictionsRequest]:
-            # an exception here would only cancel the upstream call: kept for the replies
             try:
-                async for request in request_iterator:
+                async for request in self.streams.messages(request_iterator):
                     self.policy(request.model_name)  # refused before the upstream sees it
                     pending.add(request)
                     yield request
-            except Exception as error:  # noqa: BLE001 - raised by the reply loop below
-                pending.error = error
+            except StreamIdle as error:  # gRPC's request reader would swallow it
+                idle.append(error)
+                handler.cancel()
+            except Exception as error:  # noqa: BLE001 - it would only cancel the upstream
+                pending.error = error   # call: raised by the reply loop below
 
-        async for response in self.upstream.stream(self.stub.StreamPredictions2, requests(),
-                                                    context):
+        try:
+            async for response in self.upstream.stream(self.stub.StreamPredictions2,
+                                                        requests(), context):
+                pending.check()
+                model = pending.take(response)
+                yield await self._protect(response, self.policy(model), model, context)
             pending.check()
-            model = pending.take(response)
-            yield await self._protect(response, self.policy(model), model, context)
-        pending.check()
-        if pending.waiting:
-            raise UpstreamError(
-                grpc.StatusCode.INTERNAL,
-                f"the upstream ended StreamPredictions2 with {pending.waiting} request(s) "
-                "unanswered")
+            if pending.waiting:
+                raise UpstreamError(
+                    grpc.StatusCode.INTERNAL,
+                    f"the upstream ended StreamPredictions2 with {pending.waiting} "
+                    "request(s) unanswered")
+        except asyncio.CancelledError:
+            if not idle:
+                raise
+            raise idle[0] from None
+        finally:
+            self.streams.close(principal)
 
 
 class _Pending:

@@ -1,0 +1,122 @@
+"""Per-principal caps on calls and streams in flight, and an idle timeout for streams.
+
+gRPC's `max_in_flight` is one pool for everyone: a principal holding idle request
+streams could take every slot. `Slots` gives each principal at most `max_calls` unary
+calls and `max_streams` request streams at once (0: no cap), so one principal cannot
+exhaust the slots of all others. `StreamGuard` is what a request stream costs: its slot,
+one row for opening it, and `StreamIdle` when it sends nothing for the idle timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from stealguard.server.errors import Exhausted
+
+
+class SlotsExhausted(Exhausted):
+    """A principal already has its cap of calls or streams in flight."""
+
+    def __init__(self, principal: str, kind: str, cap: int):
+        self.principal, self.what, self.cap = principal, kind, cap  # not `kind`: the error's
+        flag = "--max-streams-per-principal" if kind == "streams" else \
+            "--max-calls-per-principal"
+        super().__init__(f"principal {principal!r} already has {cap} {kind} in flight "
+                         f"({flag}); finish one and retry")
+
+
+class StreamIdle(Exhausted):
+    """A request stream sent nothing for the idle timeout (RESOURCE_EXHAUSTED, not
+    UNAVAILABLE: the server is fine, and clients pause before reconnecting on that)."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        super().__init__(f"the request stream sent no message for {timeout:g} s "
+                         "(--stream-idle-timeout) and was ended; open a new one")
+
+
+class Slots:
+    """Counts of calls and streams in flight per principal, refused beyond their caps."""
+
+    def __init__(self, max_calls: int = 0, max_streams: int = 0):
+        self.max_calls = max_calls
+        self.max_streams = max_streams
+        self._held: dict[tuple[str, bool], int] = {}
+
+    def enter(self, principal: str, stream: bool) -> None:
+        """Take a slot (raises SlotsExhausted at the cap); pair with `leave`."""
+        cap = self.max_streams if stream else self.max_calls
+        key = (principal, stream)
+        held = self._held.get(key, 0)
+        if cap and held >= cap:
+            from stealguard.server.metering import metrics
+
+            kind = "streams" if stream else "calls"
+            metrics.REFUSED_SLOTS.labels(kind).inc()
+            raise SlotsExhausted(principal, kind, cap)
+        self._held[key] = held + 1
+
+    def leave(self, principal: str, stream: bool) -> None:
+        """Give the slot back (entries at zero are dropped: no growth with principals)."""
+        key = (principal, stream)
+        held = self._held.get(key, 0) - 1
+        if held > 0:
+            self._held[key] = held
+        else:
+            self._held.pop(key, None)
+
+    def held(self, principal: str, stream: bool) -> int:
+        return self._held.get((principal, stream), 0)
+
+
+class StreamGuard:
+    """What a request stream costs its principal, for every servicer that serves one: a
+    stream slot (`Slots`), one row of its limiter for opening it, and the idle timeout.
+
+        await guard.open(principal)          # raises the refusal (Exhausted, Unavailable)
+        try:
+            async for message in guard.messages(request_iterator): ...   # StreamIdle
+        finally:
+            guard.close(principal)
+    """
+
+    def __init__(self, slots: Slots | None = None, limiter=None, idle_timeout: float = 0.0):
+        self.slots = slots if slots is not None and slots.max_streams else None
+        self.limiter = limiter
+        self.idle_timeout = idle_timeout
+
+    async def open(self, principal: str) -> None:
+        """Take `principal`'s stream slot and charge the opening (STREAM_OPEN_ROWS)."""
+        from stealguard.server.metering.settings import STREAM_OPEN_ROWS
+
+        if self.slots is not None:
+            self.slots.enter(principal, True)
+        try:
+            if self.limiter is not None:
+                await self.limiter.admit(principal, STREAM_OPEN_ROWS)
+        except BaseException:
+            self.close(principal)
+            raise
+
+    def close(self, principal: str) -> None:
+        """Give the slot back (after `open` succeeded)."""
+        if self.slots is not None:
+            self.slots.leave(principal, True)
+
+    async def messages(self, requests: AsyncIterator) -> AsyncIterator:
+        """The messages of `requests`; StreamIdle when the next one takes longer than the
+        idle timeout (a timer, no task per message)."""
+        iterator = requests.__aiter__()
+        while True:
+            try:
+                if self.idle_timeout > 0:
+                    async with asyncio.timeout(self.idle_timeout):
+                        message = await iterator.__anext__()
+                else:
+                    message = await iterator.__anext__()
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise StreamIdle(self.idle_timeout) from None
+            yield message
