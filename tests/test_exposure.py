@@ -155,7 +155,7 @@ def listening_hosts(pid, port):
 
 def test_metrics_listen_on_the_listen_host_and_name_no_client_by_default():
     port = free_port()
-    process, address = start_sidecar("--metrics-port", str(port))
+    process, address = start_sidecar("--metrics-port", str(port), "--trust-client-header")
     try:
         perturb_as(address, "shop")
         assert listening_hosts(process.popen.pid, port) == ["127.0.0.1"]
@@ -172,7 +172,8 @@ def test_metrics_listen_where_asked_want_the_token_and_name_clients_when_asked(t
     token = tmp_path / "metrics-token"
     token.write_text("scraper-secret\n")
     process, address = start_sidecar("--metrics-listen", f"127.0.0.2:{port}",
-                                     "--metrics-token-file", str(token), "--metrics-per-client")
+                                     "--metrics-token-file", str(token), "--metrics-per-client",
+                                     "--trust-client-header")
     try:
         perturb_as(address, "shop")
         assert listening_hosts(process.popen.pid, port) == ["127.0.0.2"]
