@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.prepare:
             prepare_store(config)
             return 0
-        asyncio.run(run_modelserver(config))
+        # SIGHUP: the same sources again, for the token file and certificates
+        asyncio.run(run_modelserver(config, reload=lambda: config_from(args)))
     except (ManifestError, OSError) as error:
         parser.exit(2, f"stealguard-modelserver: error: {error}\n")
     except KeyboardInterrupt:

@@ -50,7 +50,7 @@ def serve_metrics(config: ServerConfig) -> int:
     """Start /metrics (the platform's endpoint); the port it serves on, 0 for none. The
     default port is skipped with a warning when taken; one asked for must be free."""
     return platform_metrics.serve_metrics(config.metrics_port, log,
-                                          default=DEFAULT_METRICS_PORT)
+                                          default=DEFAULT_METRICS_PORT, settings=config)
 
 
 def sidecar_client(config: ServerConfig) -> AsyncDefenseClient:
@@ -68,10 +68,18 @@ class ModelServer(lifecycle.Service):
 
     draining = DRAINING
 
-    def __init__(self, models: Models, sidecar: AsyncDefenseClient):
+    def __init__(self, models: Models, sidecar: AsyncDefenseClient, app: GrpcApp | None = None,
+                 reload=None):
         self.models = models
         self.sidecar = sidecar
         self.core = models.core
+        self.app = app
+        self._reload = reload
+        self.reloadable = reload is not None and app is not None
+
+    def reload(self) -> str:
+        """SIGHUP: the token file and TLS certificates (the models stay)."""
+        return self.app.prepare_reload(self._reload())() or "nothing to reload"
 
     def warm_up(self) -> str:
         started = time.perf_counter()
@@ -84,8 +92,9 @@ class ModelServer(lifecycle.Service):
             await self.models.core.limiter.close()  # unspent leases back to the store
 
 
-async def run_modelserver(config: ServerConfig) -> None:
-    """Serve the store's models until SIGTERM/SIGINT, then drain."""
+async def run_modelserver(config: ServerConfig, reload=None) -> None:
+    """Serve the store's models until SIGTERM/SIGINT, then drain; SIGHUP calls `reload`
+    for a new config and swaps in its token file and certificates."""
     torch.set_num_threads(config.torch_threads)
     config = dataclasses.replace(config, metrics_port=serve_metrics(config))
     specs = prepare_store(config)
@@ -109,4 +118,4 @@ async def run_modelserver(config: ServerConfig) -> None:
                    f"{' over TLS' if config.sidecar_tls_ca or config.sidecar_tls_cert else ''}"
                    f"{' with a token' if config.sidecar_token_file else ''}, models: "
                    f"{', '.join(sorted(specs))}")
-        await lifecycle.run(app, ModelServer(models, sidecar), details=details)
+        await lifecycle.run(app, ModelServer(models, sidecar, app, reload), details=details)

@@ -47,6 +47,15 @@ def add_server_flags(parser: argparse.ArgumentParser, *, listen: str, config_env
                         help="one JSON object per log line")
     parser.add_argument("--metrics-port", dest="metrics_port",
                         help=f"Prometheus metrics port ({metrics})")
+    parser.add_argument("--metrics-listen", dest="metrics_listen", metavar="HOST:PORT",
+                        help="where /metrics listens (default: the --listen host, at "
+                        "--metrics-port)")
+    parser.add_argument("--metrics-token-file", dest="metrics_token_file",
+                        help="/metrics wants 'Authorization: Bearer <token>' with a token "
+                        "from this file (default: no token)")
+    parser.add_argument("--metrics-per-client", dest="metrics_per_client",
+                        action="store_const", const=True,
+                        help="a metrics series per client name (default off: client=\"_all\")")
     group = parser.add_argument_group("security and limits")
     group.add_argument("--tls-cert", dest="tls_cert", help="server certificate (PEM) for TLS")
     group.add_argument("--tls-key", dest="tls_key", help="server private key (PEM) for TLS")
@@ -58,6 +67,12 @@ def add_server_flags(parser: argparse.ArgumentParser, *, listen: str, config_env
                        help="concurrent calls before RESOURCE_EXHAUSTED (default 1024; 0: none)")
     group.add_argument("--max-message-bytes", dest="max_message_bytes",
                        help="largest request in bytes (default 67108864)")
+    group.add_argument("--max-request-bytes", dest="max_request_bytes",
+                       help="request bytes held at once before RESOURCE_EXHAUSTED "
+                       "(default: a quarter of the memory; 0: no bound)")
+    group.add_argument("--reflection", choices=["on", "off"],
+                       help="gRPC server reflection (default on; needs a token when "
+                       "--token-file is set)")
     group.add_argument("--grace",
                        help="seconds calls in flight get to finish after SIGTERM (default 10)")
     group.add_argument("--client-header", dest="client_header",

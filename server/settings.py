@@ -58,6 +58,20 @@ class ServerSettings:
     json_logs: bool = setting(False, "bool")
     # Prometheus /metrics on this port; 0: off.
     metrics_port: int | None = setting(0, "port")
+    # Exposure (issue 19). /metrics binds to the host of `listen` (loopback when the server
+    # listens on loopback) unless metrics_listen HOST:PORT says where (its port is then
+    # the metrics port). metrics_token_file: /metrics wants `Authorization: Bearer <token>`
+    # with a token of that file. metrics_per_client: a series per client (token name, mTLS
+    # subject or x-client-id header); off, all clients count as client="_all".
+    # reflection: gRPC server reflection (the schema, for grpcurl); with tokens it needs
+    # one. max_request_bytes: bytes of requests held at once; a call beyond it is refused
+    # with RESOURCE_EXHAUSTED before its message is read; 0: no bound; default: a quarter
+    # of the machine's memory (`default_request_bytes`).
+    metrics_listen: str = setting("")
+    metrics_token_file: str = setting("", "file")
+    metrics_per_client: bool = setting(False, "bool")
+    reflection: bool = setting(True, "bool")
+    max_request_bytes: int = setting(kind="int", min=0, factory=lambda: default_request_bytes())
     # Limits: a message above max_message_bytes or a call beyond max_in_flight concurrent
     # calls is refused at once with RESOURCE_EXHAUSTED (max_in_flight 0: no limit).
     max_message_bytes: int = setting(64 * 1024 * 1024, "int", min=1)
@@ -99,6 +113,28 @@ class ServerSettings:
                                   f"({first}, {second})")
         if self.tls_ca and not self.tls_cert:
             raise ConfigError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key too")
+        if self.metrics_listen:
+            host, _, port = self.metrics_listen.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+                raise ConfigError(f"--metrics-listen {self.metrics_listen!r}: expected "
+                                  "HOST:PORT")
+            self.metrics_port = int(port)
+
+    @property
+    def metrics_host(self) -> str:
+        """Where /metrics binds: metrics_listen's host, else the host of `listen`."""
+        host = (self.metrics_listen or self.listen).rpartition(":")[0]
+        return host.strip("[]")
+
+
+def default_request_bytes() -> int:
+    """A quarter of the machine's physical memory (at least 256 MiB): the default bound on
+    request bytes held at once."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 4 << 30
+    return max(256 << 20, total // 4)
 
 
 def _flag(key: str) -> str:

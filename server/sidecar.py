@@ -70,8 +70,9 @@ class Sidecar(lifecycle.Service):
 
     def __init__(self, config: Config, servicer: DefenseServicer,
                  reload: Callable[[], Config] | None,
-                 extproc: ExternalProcessorServicer | None = None):
+                 extproc: ExternalProcessorServicer | None = None, app: GrpcApp | None = None):
         self.config = config
+        self.app = app
         self.servicer = servicer
         self.extproc = extproc
         self.core = servicer.core
@@ -89,11 +90,14 @@ class Sidecar(lifecycle.Service):
 
     def reload(self) -> str:
         core = self.servicer.core
-        new = ProxyPolicies.from_config(self._reload().policies, self.config.secret_bytes())
+        config = self._reload()
+        new = ProxyPolicies.from_config(config.policies, self.config.secret_bytes())
+        install = self.app.prepare_reload(config) if self.app else None
         core.policies = new.policies
         if self.extproc is not None:  # its on_unrecognized / outputs keys, swapped together
             self.extproc.options = new.resolve
-        return describe_policies(core.policies)
+        security = install() if install else ""
+        return describe_policies(core.policies) + (f"; {security}" if security else "")
 
     @property
     def in_flight(self) -> int:
@@ -115,7 +119,8 @@ async def run_sidecar(config: Config, *, reuse_port: bool = False,
     """Run the Defense service until a stop signal; NOT_SERVING until kernels are warm.
 
     SIGHUP calls `reload` for a new config and swaps in its policies between calls; a bad
-    new config is logged and the old policies stay.
+    new config is logged and the old policies stay. The token file and TLS certificates
+    are reloaded with them (`GrpcApp.prepare_reload`).
     """
     proxy_policies = ProxyPolicies.from_config(config.policies, config.secret_bytes())
     policies = proxy_policies.policies
@@ -130,6 +135,6 @@ async def run_sidecar(config: Config, *, reuse_port: bool = False,
     add_lenient(defense_pb2_grpc.add_DefenseServicer_to_server, servicer, app.server)
     extproc = add_extproc(app.server, core, proxy_policies, app.identity, config)  # Envoy
 
-    serve_metrics(config.metrics_port, log)
-    await lifecycle.run(app, Sidecar(config, servicer, reload, extproc),
+    serve_metrics(config.metrics_port, log, settings=config)
+    await lifecycle.run(app, Sidecar(config, servicer, reload, extproc, app),
                         details=f", policies: {describe_policies(policies)}")

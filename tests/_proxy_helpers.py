@@ -14,7 +14,10 @@ TorchServe API (`InferenceAPIsService`), input `data` = a .npy array of shape (6
   echo-metadata  {"metadata": {key: value}, "time_remaining": seconds or null}, with
                  initial metadata x-upstream-initial and trailing x-upstream-trailing
   fail           RESOURCE_EXHAUSTED "model fail: queue is full" + trailing x-upstream-reason
+  secret, public  as digits (for the pairing tests)
   StreamPredictions answers one message per row; StreamPredictions2 one per request.
+  With --stream2 reversed, StreamPredictions2 reads every request first and answers them
+  last to first; double answers each request twice; unpaired answers without sequence_id.
 
 v2 API (`GRPCInferenceService`), input `input-0` FP32 [N, 64] in contents or raw:
   digits / digits64  outputs `predict_proba` FP32 / FP64 [N, 10] and `label` INT64 [N];
@@ -75,9 +78,15 @@ async def _echo_headers(context) -> None:
     context.set_trailing_metadata((("x-upstream-trailing", "yes"),))
 
 
+async def _replay(items):
+    for item in items:
+        yield item
+
+
 class TorchServeUpstream(inference_pb2_grpc.InferenceAPIsServiceServicer):
-    def __init__(self, model):
+    def __init__(self, model, stream2: str = "ordered"):
         self.model = model
+        self.stream2 = stream2
 
     def predict(self, request, context) -> list[bytes]:
         """One prediction per row for a batch input; one for a single sample."""
@@ -89,7 +98,7 @@ class TorchServeUpstream(inference_pb2_grpc.InferenceAPIsServiceServicer):
                                 "time_remaining": context.time_remaining()}).encode()]
         x = np.load(io.BytesIO(request.input["data"]), allow_pickle=False)
         probs = self.model.predict_proba(np.atleast_2d(x).astype(np.float32))
-        if name == "digits":
+        if name in ("digits", "secret", "public"):
             value = probs.tolist() if x.ndim == 2 else probs[0].tolist()
         elif name == "digits-topk":
             tops = [{LABELS[j]: float(row[j]) for j in np.argsort(-row)[:3]} for row in probs]
@@ -125,10 +134,16 @@ class TorchServeUpstream(inference_pb2_grpc.InferenceAPIsServiceServicer):
 
     async def StreamPredictions2(self, request_iterator, context):
         await _echo_headers(context)
-        async for request in request_iterator:
-            yield inference_pb2.PredictionResponse(
-                prediction=self.predict(request, context)[0],
-                sequence_id=request.sequence_id)
+        requests = request_iterator
+        if self.stream2 == "reversed":
+            requests = _replay([request async for request in request_iterator][::-1])
+        async for request in requests:
+            reply = inference_pb2.PredictionResponse(
+                prediction=self.predict(request, context)[0])
+            if self.stream2 != "unpaired" and request.HasField("sequence_id"):
+                reply.sequence_id = request.sequence_id
+            for _ in range(2 if self.stream2 == "double" else 1):
+                yield reply
 
 
 class V2Upstream(v2_grpc.GRPCInferenceServiceServicer):
@@ -183,12 +198,12 @@ class V2Upstream(v2_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-async def serve(protocol: str, listen: str) -> None:
+async def serve(protocol: str, listen: str, stream2: str = "ordered") -> None:
     server = grpc.aio.server()
     model = train_model()
     if protocol == "torchserve":
         inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(
-            TorchServeUpstream(model), server)
+            TorchServeUpstream(model, stream2), server)
     else:
         v2_grpc.add_GRPCInferenceServiceServicer_to_server(V2Upstream(model), server)
     health_servicer = health.aio.HealthServicer()
@@ -208,8 +223,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="test upstream model servers")
     parser.add_argument("protocol", choices=["torchserve", "v2"])
     parser.add_argument("--listen", required=True)
+    parser.add_argument("--stream2", default="ordered",
+                        choices=["ordered", "reversed", "double", "unpaired"])
     args = parser.parse_args()
-    asyncio.run(serve(args.protocol, args.listen))
+    asyncio.run(serve(args.protocol, args.listen, args.stream2))
     return 0
 
 
@@ -217,12 +234,13 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-def start_upstream(protocol: str, port: int | None = None):
-    """Start this module as a `protocol` upstream on a loopback port; (process, address)."""
+def start_upstream(protocol: str, port: int | None = None, *extra: str):
+    """Start this module as a `protocol` upstream on a loopback port (`extra` flags, e.g.
+    "--stream2", "reversed"); (process, address)."""
     from _procs import Process, free_port
 
     address = f"127.0.0.1:{port or free_port()}"
-    process = Process([sys.executable, __file__, protocol, "--listen", address])
+    process = Process([sys.executable, __file__, protocol, "--listen", address, *extra])
     try:
         process.wait_healthy(address, timeout=120)
     except Exception:

@@ -71,6 +71,7 @@ def guarded(pki, tmp_path_factory):
         "--tls-ca", pki.path("ca.pem"), "--token-file", str(tokens),
         # rows: 2/s, 7 at once = opening a stream (1) and three calls of ROWS (2 rows each)
         "--rate-limit", "2", "--rate-burst", "7", "--metrics-port", str(metrics_port),
+        "--metrics-per-client",
         port=port, wait=False)
     mtls = channel_credentials(pki.path("ca.pem"), pki.path("client.pem"), pki.path("client.key"))
     wait_tls_healthy(process, address, mtls)
@@ -302,7 +303,7 @@ def test_callers_cannot_add_per_client_series_without_end():
 
     metrics_port = free_port()
     process, address = start_sidecar("--metrics-port", str(metrics_port),
-                                     "--trust-client-header")
+                                     "--trust-client-header", "--metrics-per-client")
     extra = 25
     try:
         request = defense_pb2.PerturbRequest(probabilities=array_to_tensor(ROWS))

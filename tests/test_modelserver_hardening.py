@@ -82,7 +82,7 @@ def stack(pki, tmp_path_factory):
         "--sidecar-token-file", str(files / "right"), "--sidecar-timeout", "10",
         "--tls-cert", pki.path("server.pem"), "--tls-key", pki.path("server.key"),
         "--tls-ca", pki.path("ca.pem"), "--token-file", str(files / "modelserver-tokens"),
-        "--metrics-port", str(metrics_guarded))
+        "--metrics-port", str(metrics_guarded), "--metrics-per-client")
     wrong, wrong_address = start_modelserver(
         sidecar_address, tmp_path_factory.mktemp("store"), *to_sidecar,
         "--sidecar-token-file", str(files / "wrong"), "--sidecar-timeout", "10",
@@ -292,7 +292,8 @@ def test_metrics_port_asked_for_must_be_free_the_default_one_is_skipped(caplog):
     assert f"metrics off: default port {DEFAULT_METRICS_PORT} is taken" in caplog.text
 
 
-def test_model_server_predictions_go_through_the_protect_core_limits_and_observers(tmp_path):
+def test_model_server_predictions_go_through_the_protect_core_limits_and_observers(
+        tmp_path, monkeypatch):
     """In process: the handler's protect step is the core, so the rate limit and the
     metrics observer apply to an unprotected model's answers too."""
     import io
@@ -304,8 +305,10 @@ def test_model_server_predictions_go_through_the_protect_core_limits_and_observe
     from stealguard.server.core import ProtectCore
     from stealguard.server.errors import Exhausted
     from stealguard.server.limits import TokenBucket
+    from stealguard.server.platform import metrics as platform_metrics
     from stealguard.server.platform.metrics import REGISTRY
 
+    monkeypatch.setattr(platform_metrics, "per_client", True)  # --metrics-per-client
     spec = ModelSpec(name="tiny", version="1.0", architecture="mlp",
                      weights=tmp_path / "unused.pt", input_shape=(3,), labels=("a", "b", "c"),
                      policy="none")

@@ -13,6 +13,7 @@ from stealguard.server.core import ProtectCore
 from stealguard.server.defenses import make_defense
 from stealguard.server.errors import Exhausted
 from stealguard.server.metrics import MetricsObserver
+from stealguard.server.platform import metrics as platform_metrics
 from stealguard.server.platform.metrics import REGISTRY
 from stealguard.server.proxy import predictions, tensors
 from stealguard.server.proxy.errors import Unrecognized
@@ -202,7 +203,8 @@ def test_max_rows_applies_to_a_proxied_answer():
         protect_outputs(response, POLICIES.resolve("m"), "m", core=small)
 
 
-def test_proxied_answer_is_counted_in_the_per_client_row_and_distortion_metrics():
+def test_proxied_answer_is_counted_in_the_per_client_row_and_distortion_metrics(monkeypatch):
+    monkeypatch.setattr(platform_metrics, "per_client", True)  # --metrics-per-client
     core = ProtectCore(POLICIES.policies, observers=[MetricsObserver()])
 
     def sample(name, **labels):

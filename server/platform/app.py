@@ -14,9 +14,14 @@ from collections.abc import Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from stealguard.server.platform.credentials import Tokens, server_credentials
+from stealguard.server.platform.credentials import Certificates, Tokens
 from stealguard.server.platform.identity import Identity
-from stealguard.server.platform.interceptors import AuthInterceptor, CallMetricsInterceptor
+from stealguard.server.platform.interceptors import (
+    AuthInterceptor,
+    CallMetricsInterceptor,
+    RequestBytesInterceptor,
+)
+from stealguard.server.settings import ConfigError
 
 log = logging.getLogger("stealguard.platform")
 
@@ -28,12 +33,15 @@ class GrpcApp:
                  logger: logging.Logger = log, reuse_port: bool = False, grace: float = 5.0,
                  credentials: grpc.ServerCredentials | None = None,
                  interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
-                 max_in_flight: int | None = None, identity: Identity | None = None):
+                 max_in_flight: int | None = None, identity: Identity | None = None,
+                 certificates: Certificates | None = None, reflect: bool = True,
+                 bounded: bool = False):
         self.listen = listen
         self.log = logger
         self.services = list(services)
         self.grace = grace
         self.credentials = credentials
+        self.certificates = certificates  # reloadable TLS (`credentials` comes from it)
         self.identity = identity or Identity()
         self.server = grpc.aio.server(
             interceptors=list(interceptors) or None,
@@ -41,6 +49,9 @@ class GrpcApp:
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
+                # with a bound on request bytes, a call waiting to be read must not have
+                # its message buffered anyway: no window growth beyond gRPC's 64 KiB
+                *([("grpc.http2.bdp_probe", 0)] if bounded else []),
             ],
             # beyond this many concurrent calls gRPC answers RESOURCE_EXHAUSTED at once;
             # None or 0: no limit (gRPC's limiter creates one task per call)
@@ -48,9 +59,10 @@ class GrpcApp:
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
-        )
+        if reflect:  # --reflection (default on: the schema is the public .proto files)
+            reflection.enable_server_reflection(
+                [*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+            )
 
     @classmethod
     def from_settings(cls, settings, services: Iterable[str], *, reuse_port: bool = False,
@@ -65,10 +77,42 @@ class GrpcApp:
             interceptors.append(AuthInterceptor(identity))
         if settings.metrics_port:
             interceptors.append(CallMetricsInterceptor())
+        bound = getattr(settings, "max_request_bytes", 0)
+        if bound:  # last: it reads the message, after the others have let the call in
+            interceptors.append(RequestBytesInterceptor(bound, settings.max_message_bytes))
+        certificates = Certificates.from_settings(settings)
         return cls(settings.listen, services, max_message_bytes=settings.max_message_bytes,
                    logger=logger, reuse_port=reuse_port, grace=settings.grace,
-                   credentials=server_credentials(settings), interceptors=interceptors,
-                   max_in_flight=settings.max_in_flight, identity=identity)
+                   credentials=certificates.credentials() if certificates else None,
+                   interceptors=interceptors, max_in_flight=settings.max_in_flight,
+                   identity=identity, certificates=certificates,
+                   reflect=getattr(settings, "reflection", True), bounded=bool(bound))
+
+    def prepare_reload(self, settings):
+        """Read the token file and certificates of new `settings` (SIGHUP); returns
+        `install() -> str`, which swaps them in (from the next call, the next handshake)
+        and says what it did. Raises `ConfigError` and keeps the old ones if a file is
+        bad, or if tokens or TLS would be turned on or off (that needs a restart)."""
+        installs, notes = [], []
+        if bool(settings.token_file) != (self.identity.tokens is not None):
+            raise ConfigError("turning bearer tokens on or off needs a restart; SIGHUP only "
+                              "reloads the token file")
+        if settings.token_file:
+            tokens = Tokens.from_file(settings.token_file)
+            installs.append(lambda: setattr(self.identity, "tokens", tokens))
+            notes.append(f"{len(tokens)} token(s)")
+        if self.certificates is not None or settings.tls_cert:
+            if self.certificates is None:
+                raise ConfigError("turning TLS on needs a restart")
+            installs.append(self.certificates.prepare(settings))
+            notes.append("certificates")
+
+        def install() -> str:
+            for each in installs:
+                each()
+            return ", ".join(notes)
+
+        return install
 
     async def set_serving(self, serving: bool) -> None:
         """Report SERVING or NOT_SERVING for the whole server and each service."""

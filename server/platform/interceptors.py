@@ -2,9 +2,17 @@
 something needs it, so a plain server pays nothing for them:
 
 - `AuthInterceptor` (a token file is configured): a call without a valid bearer token is
-  refused with UNAUTHENTICATED before any servicer sees it. Who the caller is, is then
+  refused with UNAUTHENTICATED before any servicer sees it; that includes reflection
+  (the schema) and ListPolicies, not health (probes have no token). Who the caller is, is then
   asked of `Identity` by the front end, which hands the principal to the protect core.
 - `CallMetricsInterceptor` (metrics are on): calls in flight and time per call by method.
+- `RequestBytesInterceptor` (`max_request_bytes` > 0): bounds the memory the requests
+  being served take, counted as COST times each message's size. A call first reserves
+  that for the largest message; when it does not fit, the call is refused at once with
+  RESOURCE_EXHAUSTED before its message is read (gRPC then holds no more of it than the
+  HTTP/2 window: the server turns off gRPC's window growth, BDP probing, when bounded).
+  Once read, the reservation shrinks to the message's own cost until the call ends (for
+  a stream: until the next message is read).
 
 Limits are not here: the concurrency limit is gRPC's own (`maximum_concurrent_rpcs`, which
 refuses at once with RESOURCE_EXHAUSTED), and rate limits and quotas are the protect core's
@@ -22,6 +30,7 @@ from stealguard.server.platform.identity import Identity
 from stealguard.server.platform.lenient import kind_of, relay, settled
 
 _EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+_NO_TOKEN = ("/grpc.health.v1.Health/",)
 
 
 def _wrap(handler, enter, leave=None):
@@ -56,7 +65,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(_EXEMPT):
+        if handler is None or handler_call_details.method.startswith(_NO_TOKEN):
             return handler
         metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ())}
         identity = self.identity
@@ -88,3 +97,110 @@ class CallMetricsInterceptor(grpc.aio.ServerInterceptor):
             metrics.LATENCY.labels(name).observe(time.perf_counter() - start)
 
         return _wrap(handler, enter, leave)
+
+
+class RequestBytes:
+    """The memory held for requests: `held` by messages read, `reserved` by reads under
+    way, against `bound`."""
+
+    def __init__(self, bound: int):
+        self.bound = bound
+        self.held = 0
+        self.reserved = 0
+
+    def reserve(self, n: int) -> bool:
+        """Room to read a message costing up to `n`, or False (refuse at once)."""
+        if self.held + self.reserved + n > self.bound:
+            return False
+        self.reserved += n
+        return True
+
+    def settle(self, reserved: int, cost: int) -> None:
+        """A read ended: its reservation becomes the message's `cost` (0: nothing read)."""
+        self.reserved -= reserved
+        self.held += cost
+
+    def give(self, cost: int) -> None:
+        self.held -= cost
+
+
+class RequestBytesInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls whose request could not be held within `max_request_bytes`.
+
+    Each handler becomes request-streaming with raw bytes (the wire does not differ), so
+    that the message is read only once its room is reserved, and parsed here."""
+
+    #: Memory a request takes while it is served, per byte of its message: the bytes,
+    #: the parsed message, the arrays read from it and the answer written (measured on
+    #: the sidecar, tests/test_memory_bound.py).
+    COST = 8
+
+    def __init__(self, bound: int, max_message_bytes: int):
+        self.budget = RequestBytes(bound)
+        self.reserve = min(max_message_bytes * self.COST, bound)
+
+    def _refusal(self) -> str:
+        return (f"the requests being served hold {self.budget.held} bytes of the bound of "
+                f"{self.budget.bound} (--max-request-bytes); retry shortly")
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(_EXEMPT):
+            return handler
+        kind = kind_of(handler)
+        inner = getattr(handler, kind)
+        parse = handler.request_deserializer or (lambda raw: raw)
+        budget, reserve, refusal = self.budget, self.reserve, self._refusal
+
+        async def read(context, held: list[int]):
+            """The next request (None at the end), its cost held in `held[0]`."""
+            budget.give(held[0])
+            held[0] = 0
+            if not budget.reserve(reserve):
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal())
+            cost = 0
+            try:
+                raw = await context.read()
+                if raw is grpc.aio.EOF:
+                    return None
+                cost = min(len(raw) * RequestBytesInterceptor.COST, reserve)
+            finally:
+                budget.settle(reserve, cost)
+                held[0] = cost
+            return parse(raw)
+
+        async def requests(context, held):
+            while (request := await read(context, held)) is not None:
+                yield request
+
+        async def one(context, held):
+            request = await read(context, held)
+            if request is None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
+            return request
+
+        async def stream(context, held):
+            return requests(context, held)
+
+        source = stream if handler.request_streaming else one
+        if not handler.response_streaming:
+            async def behaviour(_, context):
+                held = [0]
+                try:
+                    return await settled(inner(await source(context, held), context))
+                finally:
+                    budget.give(held[0])
+        else:
+            async def behaviour(_, context):
+                held = [0]
+                try:
+                    async for reply in relay(inner(await source(context, held), context)):
+                        yield reply
+                finally:
+                    budget.give(held[0])
+        streaming = "stream_stream" if handler.response_streaming else "stream_unary"
+        behaviours = dict.fromkeys(("unary_unary", "unary_stream", "stream_unary",
+                                    "stream_stream"))
+        behaviours[streaming] = behaviour
+        return handler._replace(request_streaming=True, request_deserializer=None,
+                                **behaviours)

@@ -94,7 +94,8 @@ async def run(app: GrpcApp, service: Service, *, name: str = "", details: str = 
             try:
                 names = service.reload()
             except (ConfigError, OSError) as error:
-                app.log.error("SIGHUP: new config rejected, old policies stay: %s", error)
+                app.log.error("SIGHUP: new config rejected, old policies stay (and the old "
+                              "tokens and certificates): %s", error)
                 return
             app.log.info("SIGHUP: policies reloaded: %s", names)
 

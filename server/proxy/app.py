@@ -34,8 +34,10 @@ class Proxy(lifecycle.Service):
     """The proxy's lifecycle hooks: warm the kernels, then let the upstream decide health."""
 
     def __init__(self, config: Config, proxy: ProxyServicer, upstream: Upstream,
-                 health_interval: float, reload: Callable[[], Config] | None):
+                 health_interval: float, reload: Callable[[], Config] | None,
+                 app: GrpcApp | None = None):
         self.config = config
+        self.app = app
         self.proxy = proxy
         self.upstream = upstream
         self.health_interval = health_interval
@@ -60,9 +62,12 @@ class Proxy(lifecycle.Service):
             self.watcher.cancel()
 
     def reload(self) -> str:
-        self.proxy.policies = ProxyPolicies.from_config(self._reload().policies,
-                                                        self.config.secret_bytes())
-        return _names(self.proxy.policies)
+        config = self._reload()
+        policies = ProxyPolicies.from_config(config.policies, self.config.secret_bytes())
+        install = self.app.prepare_reload(config) if self.app else None
+        self.proxy.policies = policies
+        security = install() if install else ""
+        return _names(self.proxy.policies) + (f"; {security}" if security else "")
 
     async def close(self) -> None:
         if self.watcher is not None:
@@ -92,8 +97,8 @@ async def run_proxy(config: Config, *, reuse_port: bool = False, health_interval
                                        stream_guard(config, core))
     proxy.add_to(app.server)
 
-    serve_metrics(config.metrics_port, log)
-    await lifecycle.run(app, Proxy(config, proxy, upstream, health_interval, reload),
+    serve_metrics(config.metrics_port, log, settings=config)
+    await lifecycle.run(app, Proxy(config, proxy, upstream, health_interval, reload, app),
                         name=f"proxy ({config.protocol})",
                         details=f" for upstream {config.upstream}"
                         f"{' over TLS' if credentials else ''}, policies: {_names(policies)}")

@@ -2,22 +2,32 @@
 
 Each method: pick the model's policy, forward the call, protect the answer. The policy is
 resolved before the call goes upstream, so a model without a policy costs the upstream
-nothing. `StreamPredictions2` pairs the n-th answer with the n-th request's model, as
-TorchServe answers a sequence one reply per request.
+nothing.
+
+`StreamPredictions2` pairs each upstream reply with its request by `sequence_id`, never by
+order: a request without one is given a fresh id (stripped again from its reply), and a
+reply is protected under the policy of the request it answers. A reply whose id is not in
+flight (unknown, or answered already) ends the stream with an error, as does a request
+whose caller-set id is still in flight for another model: the proxy never guesses which
+model an answer belongs to, so no answer of a protected model can come back raw.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import secrets
 from collections import deque
 from collections.abc import AsyncIterator
 
+import grpc
 from google.protobuf import empty_pb2
 from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc
 from stealguard.server.metering.inflight import StreamIdle
 from stealguard.server.platform import status
 from stealguard.server.platform.lenient import add_lenient
 from stealguard.server.proxy.base import ProxyServicer
+from stealguard.server.proxy.errors import UpstreamError
 from stealguard.server.proxy.options import ProxyPolicy
 from stealguard.server.proxy.predictions import protect_prediction
 
@@ -64,8 +74,7 @@ class TorchServeProxy(ProxyServicer, inference_pb2_grpc.InferenceAPIsServiceServ
 
     @status.streaming
     async def StreamPredictions2(self, request_iterator, context):
-        models: deque[str] = deque()
-        model = ""
+        pending = _Pending()
         principal = self.identity.of(context)
         await self.streams.open(principal)  # its slot, one row, the idle timeout
         handler, idle = asyncio.current_task(), []
@@ -73,21 +82,84 @@ class TorchServeProxy(ProxyServicer, inference_pb2_grpc.InferenceAPIsServiceServ
         async def requests() -> AsyncIterator[inference_pb2.PredictionsRequest]:
             try:
                 async for request in self.streams.messages(request_iterator):
-                    models.append(request.model_name)
+                    self.policy(request.model_name)  # refused before the upstream sees it
+                    pending.add(request)
                     yield request
             except StreamIdle as error:  # gRPC's request reader would swallow it
                 idle.append(error)
                 handler.cancel()
+            except Exception as error:  # noqa: BLE001 - it would only cancel the upstream
+                pending.error = error   # call: raised by the reply loop below
 
         try:
             async for response in self.upstream.stream(self.stub.StreamPredictions2,
                                                         requests(), context):
-                if models:
-                    model = models.popleft()
+                pending.check()
+                model = pending.take(response)
                 yield await self._protect(response, self.policy(model), model, context)
+            pending.check()
+            if pending.waiting:
+                raise UpstreamError(
+                    grpc.StatusCode.INTERNAL,
+                    f"the upstream ended StreamPredictions2 with {pending.waiting} "
+                    "request(s) unanswered")
         except asyncio.CancelledError:
             if not idle:
                 raise
             raise idle[0] from None
         finally:
             self.streams.close(principal)
+
+
+class _Pending:
+    """The requests of one StreamPredictions2 call that the upstream has not answered yet,
+    by `sequence_id` (several requests may share a caller-set id, for one model only)."""
+
+    def __init__(self):
+        self._prefix = f"stealguard-{secrets.token_hex(6)}-"
+        self._numbers = itertools.count()
+        self._models: dict[str, deque[str]] = {}
+        self._ours: set[str] = set()  # ids the proxy set: stripped from the replies
+        self.error: Exception | None = None  # what ended the requests early
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(models) for models in self._models.values())
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def add(self, request: inference_pb2.PredictionsRequest) -> None:
+        if not request.HasField("sequence_id"):
+            request.sequence_id = f"{self._prefix}{next(self._numbers)}"
+            self._ours.add(request.sequence_id)
+        models = self._models.setdefault(request.sequence_id, deque())
+        if models and models[0] != request.model_name:
+            raise UpstreamError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"sequence_id {request.sequence_id!r} is in flight for model {models[0]!r}; "
+                f"a request for {request.model_name!r} cannot share it (the proxy pairs "
+                "answers with requests by sequence_id)")
+        models.append(request.model_name)
+
+    def take(self, response: inference_pb2.PredictionResponse) -> str:
+        """The model of the request `response` answers; `response`'s id as the caller
+        sent it. An answer to no request in flight ends the stream: INTERNAL."""
+        sequence_id = response.sequence_id if response.HasField("sequence_id") else None
+        models = self._models.get(sequence_id) if sequence_id is not None else None
+        if not models:
+            raise UpstreamError(
+                grpc.StatusCode.INTERNAL,
+                "the upstream sent a StreamPredictions2 reply that answers no request in "
+                f"flight (sequence_id {sequence_id!r}: unknown or answered already); the "
+                "stream ends rather than return an answer the proxy cannot pair with its "
+                "model")
+        model = models.popleft()
+        ours = sequence_id in self._ours
+        if not models:
+            del self._models[sequence_id]
+            self._ours.discard(sequence_id)
+        if ours:
+            response.ClearField("sequence_id")
+        return model
