@@ -256,7 +256,8 @@ def start_proxy(protocol: str, upstream: str, config: str, wait: bool = True):
     address = f"127.0.0.1:{free_port()}"
     process = Process([script("stealguard-sidecar"), "proxy", "--listen", address,
                        "--upstream", upstream, "--protocol", protocol, "--config", config,
-                       "--health-interval", "0.2"])
+                       "--health-interval", "0.2"],
+                      env={"STEALGUARD_SECRET": "stealguard-tests"})  # as the test sidecars
     if wait:
         try:
             process.wait_healthy(address, timeout=300)
