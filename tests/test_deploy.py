@@ -310,7 +310,7 @@ def test_healthcheck_reads_torchserve_ping():
 # --- the scenario's report check -----------------------------------------------------------
 
 def scenario_report(kept: float = 1.0, closed_form: float = 0.93, runner_up: float = 0.30,
-                    round2: float = 1.0) -> dict:
+                    round2: float = 1.0, sample_runner_up: float = 0.28) -> dict:
     def run(strategy: str, agreement: float, runner: float) -> dict:
         return {"strategy": strategy, "budget": 1000, "queries": 1000, "agreement": agreement,
                 "runner_up": runner}
@@ -318,7 +318,7 @@ def scenario_report(kept: float = 1.0, closed_form: float = 0.93, runner_up: flo
     utility = {"label_kept_round2": round2, "label_kept_float32": 1.0}
     protected = {"protected_agreement": kept, "utility": utility, "runs": [
         run("argmax", 0.92, 0.33), run("label-smoothed", 0.93, 0.30),
-        run("sample", 0.92, 0.28), run("closed-form", closed_form, runner_up)]}
+        run("sample", 0.92, sample_runner_up), run("closed-form", closed_form, runner_up)]}
     unprotected = {"protected_agreement": 1.0, "utility": utility,
                    "runs": [run("sample", 0.95, 0.62)]}
     return {"models": {"mnist": protected, "mnist-open": unprotected}}
@@ -345,9 +345,15 @@ def test_check_report_fails_a_thief_above_the_label_only_ones(tmp_path):
 
 
 def test_check_report_fails_when_dark_knowledge_leaks(tmp_path):
-    done = run_check_report(tmp_path, scenario_report(runner_up=0.60))
+    done = run_check_report(tmp_path, scenario_report(sample_runner_up=0.60))
     assert done.returncode == 1
-    assert "gap 0.02 < 0.10" in done.stderr
+    assert "gap 0.02 < 0.05" in done.stderr
+
+
+def test_check_report_fails_a_thief_above_the_label_only_runner_up(tmp_path):
+    done = run_check_report(tmp_path, scenario_report(runner_up=0.40))
+    assert done.returncode == 1
+    assert "closed-form reaches runner_up 0.400" in done.stderr
 
 
 def test_check_report_fails_when_the_defense_changes_labels(tmp_path):
