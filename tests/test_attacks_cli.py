@@ -67,7 +67,7 @@ def test_remote_oracle_returns_the_servers_probabilities_and_counts(server):
         with pytest.raises(BudgetExceeded, match="450 of the budget of 500 already used"):
             oracle.query(x[:51])
         assert oracle.queries == 450
-    with RemoteOracle(server, "digits", budget=10) as oracle:
+    with RemoteOracle(server, "digits-rs", budget=10) as oracle:
         protected = oracle.query(x[:10])
     defense = make_defense("reverse_sigmoid", beta=1.5, gamma=0.3, preserve_top1=True)
     assert np.allclose(protected, defense(expected[:10]), atol=1e-6)
