@@ -70,7 +70,8 @@ def stack(tmp_path_factory, scripted):
     metrics_port = free_port()
     sidecar, address = start_sidecar("--config", str(work / "stealguard.yaml"),
                                      "--max-rows", str(MAX_ROWS),
-                                     "--metrics-port", str(metrics_port))
+                                     "--metrics-port", str(metrics_port),
+                                     "--metrics-per-client")
     mlserver = envoy = None
     try:
         mlserver = MLServer(work)
@@ -287,7 +288,7 @@ def test_answer_above_envoys_buffer_limit_is_an_error_not_the_raw_answer(stack, 
 def test_rate_limit_charges_the_end_principal_not_envoy(tmp_path, scripted):
     upstream = f"127.0.0.1:{scripted.server_address[1]}"
     scripted.answers["/predictions/limited"] = (200, {}, json.dumps([[0.7, 0.3]] * 2).encode())
-    sidecar, address = start_sidecar("--rate-limit", "0.001", "--rate-burst", "2")
+    sidecar, address = start_sidecar("--rate-limit", "0.001", "--rate-burst", "4")  # rows
     envoy = None
     try:
         envoy = Envoy(tmp_path, {"stealguard": address, "torchserve_rest": upstream,
@@ -300,7 +301,7 @@ def test_rate_limit_charges_the_end_principal_not_envoy(tmp_path, scripted):
         if envoy is not None:
             envoy.stop()
         sidecar.stop()
-    assert [status for status, _, _ in alice] == [200, 200, 429]  # a burst of 2 requests
+    assert [status for status, _, _ in alice] == [200, 200, 429]  # 4 rows: 2 answers of 2
     status, headers, body = alice[2]
     assert json.loads(body)["kind"] == "exhausted" and "retry-after" in headers
     assert bob[0] == 200

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _defenses_helpers import assert_protected_like
 from _extproc_helpers import Envoy
 from _modelserver_helpers import TorchServeClient, mnist_test_images, npy_bytes
 from _procs import free_port, start_sidecar
@@ -68,10 +69,10 @@ def test_rest_list_and_batch_through_envoy_are_the_sidecars_perturbation_of_the_
     batch = np.array(_predict(f"{envoy.url}/predictions/mnist/1.0", npy_bytes(images)))
     assert one.shape == (10,) and batch.shape == (4, 10)
     with DefenseClient(sidecar, timeout=10) as defense:
-        np.testing.assert_array_equal(one, defense.perturb(raw_one, model="mnist"))
-        np.testing.assert_array_equal(batch, defense.perturb(raw_batch, model="mnist"))
-    np.testing.assert_array_equal(batch.argmax(1), raw_batch.argmax(1))
-    assert np.abs(batch - raw_batch).max() > 0.05
+        # the default's keyed rest follows the exact bytes the sidecar saw; TorchServe's JSON
+        # may round differently on the two paths, so compare what the policy discloses
+        assert_protected_like(one, defense.perturb(raw_one, model="mnist"), raw_one)
+        assert_protected_like(batch, defense.perturb(raw_batch, model="mnist"), raw_batch)
 
 
 def test_rest_top_k_dict_keeps_its_labels_and_order_and_is_perturbed_with_the_rest(stack):
@@ -100,5 +101,4 @@ def test_grpc_predictions_through_envoy_are_the_sidecars_perturbation(stack):
         proxied.close()
     assert answer.shape == (3, 10)
     with DefenseClient(sidecar, timeout=10) as defense:
-        np.testing.assert_array_equal(answer, defense.perturb(raw, model="mnist"))
-    assert np.abs(answer - raw).max() > 0.05
+        assert_protected_like(answer, defense.perturb(raw, model="mnist"), raw)
