@@ -96,7 +96,8 @@ def test_the_proxy_reaches_a_model_server_that_requires_mutual_tls(sidecar, tmp_
                      "--upstream", upstream, "--config", str(config), "--health-interval",
                      "0.2", "--upstream-tls-ca", pki.path("ca.pem"),
                      "--upstream-tls-cert", pki.path("client.pem"),
-                     "--upstream-tls-key", pki.path("client.key")])
+                     "--upstream-tls-key", pki.path("client.key")],
+                    env={"STEALGUARD_SECRET": "stealguard-tests"})  # as the test sidecars
     try:
         proxy.wait_healthy(address, timeout=300)
         data = npy_bytes(images[0])
