@@ -39,10 +39,10 @@ def contract_view(served: np.ndarray) -> np.ndarray:
 def label_view(served: np.ndarray, confidence: float) -> np.ndarray:
     """Only the label of each row: `confidence` on it, the rest uniform."""
     served = np.asarray(served, np.float64)
-    constant = np.zeros_like(served)
-    constant[np.arange(len(served)), served.argmax(1)] = 1.0
-    return contract_view(constant * confidence + (1.0 - constant) * (1.0 - confidence)
-                         / (served.shape[1] - 1))
+    n, k = served.shape
+    out = np.full((n, k), (1.0 - confidence) / (k - 1))
+    out[np.arange(n), served.argmax(1)] = confidence
+    return out
 
 
 def _branch(beta: float, gamma: float, points: int = 8001) -> tuple[np.ndarray, np.ndarray]:
