@@ -1,4 +1,15 @@
-"""Choosing beta and gamma of Reverse Sigmoid by the paper's rule (Sec. IV-B).
+"""Choosing a policy: from a contract run's frontier, or Reverse Sigmoid's beta and gamma by
+the paper's rule (Sec. IV-B).
+
+From the frontier (`choose_from_frontier`, `calibrate --from-contract DIR`): among the
+shipped defenses whose label contract holds and whose best frontier thief was measured, those
+that keep every thief at argmax-only (best-thief agreement and runner-up agreement each at
+most `tolerance` above the argmax-only floor: the best label-only thief against the
+undefended model); among those the one that keeps the most confidence order (Spearman of the
+top probability), then the smallest top error. When none is at the floor (or the floor was
+not run), the strongest protection: the rows within `tolerance` of the lowest.
+
+The paper's rule:
 
 "The best parameters for the defense methods are searched using grid search to achieve the
 highest cosine similarity to the original model with at least 20% accuracy drop in stealing
@@ -13,10 +24,72 @@ have the highest mean cosine similarity to the base model's.
 
 from __future__ import annotations
 
+import math
+
 import yaml
 from stealguard.attacks.experiment import NO_DEFENSE, Experiment, Run, reverse_sigmoid
 
 MIN_DROP = 0.20
+FRONTIER_TOLERANCE = 0.02
+
+
+class FrontierError(ValueError):
+    """The frontier cannot support a choice (no measured row meets the contract)."""
+
+
+def _holds(row: dict) -> bool:
+    return (row.get("served_margin_ok") == 1.0 and row.get("label_kept_round2") == 1.0
+            and row.get("label_kept_float32") == 1.0)
+
+
+def choose_from_frontier(rows: list[dict], tolerance: float = FRONTIER_TOLERANCE,
+                         floor: dict | None = None) -> dict:
+    """The frontier row to serve, with the reason: {"defense", "config", "reason",
+    "candidates"}. `rows` are contract.json's "frontier" entries, `floor` its "label_floor"
+    ({"agreement", "runner_up", ...}); the undefended row is never chosen."""
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise FrontierError(f"tolerance must be a number >= 0, not {tolerance}")
+    measured = [r for r in rows if r.get("spec", {}).get("name") != "none"
+                and math.isfinite(r.get("best_agreement", math.nan))
+                and math.isfinite(r.get("best_runner_up", math.nan))]
+    if not measured:
+        raise FrontierError("no defense of the frontier has a measured best thief (run "
+                            "`stealguard-attack contract` without --no-frontier)")
+    eligible = [r for r in measured if _holds(r)]
+    if not eligible:
+        raise FrontierError(f"none of the {len(measured)} measured defenses keeps the label "
+                            "contract")
+    def within(agreement: float, runner_up: float) -> list[dict]:
+        return [r for r in eligible if r["best_agreement"] <= agreement + tolerance + 1e-12
+                and r["best_runner_up"] <= runner_up + tolerance + 1e-12]
+
+    strongest = within(floor["agreement"], floor["runner_up"]) if floor else []
+    if strongest:
+        target = (f"keep every thief within {tolerance:g} of the argmax-only floor (agreement "
+                  f"{floor['agreement']:.3f}, runner-up {floor['runner_up']:.3f})")
+    else:
+        low = (min(r["best_agreement"] for r in eligible),
+               min(r["best_runner_up"] for r in eligible))
+        strongest = within(*low)
+        target = ((f"none is within {tolerance:g} of the argmax-only floor; " if floor else
+                   "the argmax-only floor was not run; ") +
+                  f"within {tolerance:g} of the strongest protection (agreement {low[0]:.3f}, "
+                  f"runner-up {low[1]:.3f})")
+    best = max(strongest, key=lambda r: (r["spearman_top"], -r["top_error"]))
+    reason = (f"{len(eligible)} of {len(measured)} measured defenses keep the contract; "
+              f"{len(strongest)} {target}; this one keeps the most confidence order "
+              f"(Spearman {best['spearman_top']:.3f}, top error {best['top_error']:.3f}; best "
+              f"thief agreement {best['best_agreement']:.3f} by {best['best_agreement_by']}, "
+              f"runner-up {best['best_runner_up']:.3f} by {best['best_runner_up_by']})")
+    return {"defense": best["defense"], "config": best.get("config"), "reason": reason,
+            "candidates": [r["defense"] for r in strongest]}
+
+
+def config_policy_yaml(name: str, config: dict) -> str:
+    """The sidecar config fragment serving the policy `config` ({"defense", ...}) as
+    `name`."""
+    return yaml.safe_dump({"policies": {name: dict(config)}}, default_flow_style=None,
+                          sort_keys=False)
 
 
 def calibrate(exp: Experiment, betas, gammas, budget: int, min_drop: float = MIN_DROP) -> dict:

@@ -2,6 +2,7 @@
 
     stealguard-attack experiment --dataset mnist|digits|iris --out DIR [--quick]
     stealguard-attack calibrate  --dataset mnist [--model-store DIR --model NAME] [--quick]
+    stealguard-attack calibrate  --from-contract attacks/results/mnist [--tolerance 0.01]
     stealguard-attack run --target HOST:PORT --model mnist --model mnist-open \\
         --strategy sample --budget 250,500,1000 --out DIR [--baseline-model mnist-open] \
         [--policies-from SIDECAR --policy mnist-open=none]   # for closed-form, learned ...
@@ -105,7 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--quick", action="store_true", help="tiny budgets (for tests)")
     exp.add_argument("--seed", type=int, default=0)
 
-    cal = sub.add_parser("calibrate", help="choose beta and gamma (prints sidecar YAML)")
+    cal = sub.add_parser("calibrate", help="choose a policy (prints sidecar YAML): from a "
+                         "contract run's frontier, or Reverse Sigmoid's beta and gamma by the "
+                         "paper's rule")
+    cal.add_argument("--from-contract", type=Path, default=None, metavar="DIR",
+                     help="choose from the frontier of DIR/contract.json (written by "
+                          "`stealguard-attack contract`): of the defenses that keep the "
+                          "contract and every thief at argmax-only, the most confidence order")
+    cal.add_argument("--tolerance", type=float, default=None,
+                     help="with --from-contract: protection within this of the argmax-only "
+                          "floor counts as at the floor (default 0.02)")
     cal.add_argument("--dataset", type=dataset_name, default="mnist")
     cal.add_argument("--model-store", type=Path, default=None,
                      help="calibrate the model of this model store (default: the dataset's "
@@ -240,12 +250,24 @@ def cmd_contract(args) -> int:
                               frontier=not args.no_frontier, log=log)
     meta = {**_meta(args, started), "dataset": args.dataset, "base": info,
             "profile": "quick" if args.quick else "full"}
+    if args.render_only:  # the report still says which run made its runs
+        import json
+
+        try:
+            made = json.loads((args.out / "contract.json").read_text())["meta"]["command"]
+            meta["command"], meta["rendered_by"] = made, meta["command"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     summary = contract.render(args.out, meta)
     print(summary)
     return 0
 
 
 def cmd_calibrate(args) -> int:
+    if args.from_contract is not None:
+        return _calibrate_from_contract(args)
+    if args.tolerance is not None:
+        raise UsageError("--tolerance: only with --from-contract")
     from stealguard.attacks import experiment
     from stealguard.attacks.calibrate import calibrate, policy_yaml
     from stealguard.attacks.datasets import load_dataset
@@ -271,6 +293,46 @@ def cmd_calibrate(args) -> int:
           f"{result['baseline_agreement']:.3f}, drop >= {result['min_drop']:.2f} "
           f"{'met' if result['met'] else 'NOT met'}")
     print(policy_yaml(name, result["beta"], result["gamma"]), end="")
+    return 0
+
+
+def _calibrate_from_contract(args) -> int:
+    import json
+
+    from stealguard.attacks.calibrate import (
+        FRONTIER_TOLERANCE,
+        FrontierError,
+        choose_from_frontier,
+        config_policy_yaml,
+    )
+
+    grid = [f for f in ("beta", "gamma", "budget", "model_store") if getattr(args, f)]
+    if grid:
+        raise UsageError(f"--{grid[0].replace('_', '-')}: not with --from-contract (the "
+                         "frontier was measured by `stealguard-attack contract`)")
+    tolerance = FRONTIER_TOLERANCE if args.tolerance is None else args.tolerance
+    if not 0 <= tolerance < 1:  # also refuses nan
+        raise UsageError(f"--tolerance: must be a number in [0, 1), not {args.tolerance}")
+    path = args.from_contract / "contract.json"
+    try:
+        report = json.loads(path.read_text())
+        rows = report["frontier"]
+    except FileNotFoundError:
+        raise UsageError(f"--from-contract: no {path} (run `stealguard-attack contract "
+                         f"--out {args.from_contract}` first)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--from-contract: {path} is not a contract report ({e})") from None
+    try:
+        choice = choose_from_frontier(rows, tolerance, report.get("label_floor"))
+    except FrontierError as e:
+        raise UsageError(f"--from-contract: {e}") from None
+    if choice["config"] is None:
+        raise UsageError(f"--from-contract: {choice['defense']} is not a defense this version "
+                         "ships; re-run `stealguard-attack contract`")
+    name = args.model or report.get("meta", {}).get("dataset") or args.dataset
+    print(f"# stealguard-attack calibrate --from-contract {args.from_contract}: "
+          f"{choice['reason']}")
+    print(config_policy_yaml(name, choice["config"]), end="")
     return 0
 
 

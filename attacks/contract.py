@@ -65,6 +65,11 @@ FRONTIER = (
 # Floors: label-only thieves against the undefended model (a defense that keeps the top-1
 # label gives them the same labels).
 FLOOR_STRATEGIES = ("argmax", "label-smoothed")
+# The learned (D-DAE) thief against label-only answers: what its shadow model's prior alone
+# gives (the usual confusions of each class), so that a learned thief's runner-up agreement
+# is compared with what it gets from labels, not only with the contract floor.
+LABELS = DefenseSpec("class_labels")
+LEARNED = "learned"
 CONTRACT_FLOOR = "contract-floor"
 
 
@@ -80,7 +85,7 @@ class ContractProfile:
 
 
 FULL = ContractProfile(budgets=(50, 250, 1000, 4000), seeds=(0, 1, 2, 3, 4),
-                       paper_seeds=(0, 1, 2), frontier_budget=1000, frontier_seeds=(0,),
+                       paper_seeds=(0, 1, 2), frontier_budget=1000, frontier_seeds=(0, 1, 2),
                        learned_pairs=4000, learned_steps=3000)
 QUICK = ContractProfile(budgets=(50,), seeds=(0, 1), paper_seeds=(0,), frontier_budget=50,
                         frontier_seeds=(0,), learned_pairs=200, learned_steps=100)
@@ -187,6 +192,7 @@ def plan_all(p: ContractProfile, budgets: Iterable[int] | None = None,
         for s in p.seeds:
             plans += [Plan("floor", f, NO_DEFENSE, b, s) for f in FLOOR_STRATEGIES]
             plans += attack_plans(DEFAULT, b, s, p, "default")
+            plans += [x for x in attack_plans(LABELS, b, s, p, "floor") if x.strategy == LEARNED]
     for b in budgets or p.budgets:
         for s in p.paper_seeds:
             plans += attack_plans(PAPER_RS, b, s, p, "paper")

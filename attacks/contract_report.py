@@ -56,9 +56,13 @@ def _beats(mean: float, hw: float) -> bool | None:
     return mean > hw
 
 
+LEARNED = "learned"
+
+
 def checks(groups: dict, stage: str) -> list[dict]:
-    """For each budget of `stage`: every attack against the contract floor, and the
-    contract floor against argmax-only (the better label-only thief), on each metric."""
+    """For each budget of `stage`: every attack against the contract floor (the learned
+    thief against the stronger of it and the learned thief on labels), and the contract
+    floor against argmax-only (the best label-only thief), on each metric."""
     out = []
     budgets = sorted({k[3] for k in groups if k[0] == stage})
     for b in budgets:
@@ -76,9 +80,17 @@ def checks(groups: dict, stage: str) -> list[dict]:
                 for strategy, cell in sorted(cells.items()):
                     if strategy == "contract-floor":
                         continue
-                    mean, hw, n = paired(cell, floor_cf, metric)
+                    floor, against = floor_cf, "contract-floor"
+                    if strategy == LEARNED and LEARNED in floors and (
+                            interval(r[metric] for r in floors[LEARNED].values())[0]
+                            > interval(r[metric] for r in floor_cf.values())[0]):
+                        # a learned thief brings its shadow model's prior (each class's
+                        # usual confusions); on this metric the same thief on labels only
+                        # is the stronger floor
+                        floor, against = floors[LEARNED], "argmax-only (learned on labels)"
+                    mean, hw, n = paired(cell, floor, metric)
                     out.append({"budget": b, "metric": metric, "attack": strategy,
-                                "against": "contract-floor", "difference": mean,
+                                "against": against, "difference": mean,
                                 "interval": hw, "seeds": n, "beats": _beats(mean, hw)})
     return out
 
@@ -110,6 +122,16 @@ def _checks_table(items: list[dict]) -> list[str]:
     return lines
 
 
+def _config(described: dict) -> dict | None:
+    """The sidecar policy of the shipped frontier defense that describes itself so."""
+    from stealguard.attacks.contract import FRONTIER
+
+    for spec in FRONTIER:
+        if spec.describe() == described:
+            return {"defense": spec.name, **spec.params}
+    return None
+
+
 def frontier(groups: dict, utilities: list[dict]) -> list[dict]:
     """Per shipped defense: the utility figures and the best frontier attack."""
     out = []
@@ -120,11 +142,50 @@ def frontier(groups: dict, utilities: list[dict]) -> list[dict]:
         for metric in METRICS:
             scored = [(interval(r[metric] for r in c.values())[0], s) for s, c in cells.items()]
             best[metric] = max(scored) if scored else (math.nan, "")
-        out.append({"defense": label, **{k: v for k, v in u.items() if k != "defense"},
+        out.append({"defense": label, "spec": u["defense"], "config": _config(u["defense"]),
+                    **{k: v for k, v in u.items() if k != "defense"},
                     "best_agreement": best["agreement"][0], "best_agreement_by":
                     best["agreement"][1], "best_runner_up": best["runner_up"][0],
                     "best_runner_up_by": best["runner_up"][1]})
     return out
+
+
+def label_floor(groups: dict, budget: int | None) -> dict | None:
+    """The argmax-only floor at `budget`: the best label-only thief (floor stage, against the
+    undefended model) by mean over seeds, for agreement and for runner-up agreement."""
+    cells = {k[2]: v for k, v in groups.items() if k[0] == "floor" and k[3] == budget}
+    if not cells:
+        return None
+    out: dict = {"budget": budget, "seeds": min(len(c) for c in cells.values())}
+    for metric in METRICS:
+        out[metric], out[f"{metric}_by"] = max(
+            (interval(r[metric] for r in c.values())[0], s) for s, c in cells.items())
+    return out
+
+
+def _frontier_budget(groups: dict) -> int | None:
+    budgets = {k[3] for k in groups if k[0] == "frontier"}
+    return max(budgets) if budgets else None
+
+
+def _floor_lines(floor: dict | None) -> list[str]:
+    if floor is None:
+        return ["The argmax-only floor at the frontier budget was not run."]
+    return [f"The argmax-only floor at {floor['budget']} queries ({floor['seeds']} seeds): "
+            f"agreement {floor['agreement']:.3f} ({floor['agreement_by']}), runner-up "
+            f"{floor['runner_up']:.3f} ({floor['runner_up_by']})."]
+
+
+def _calibration_lines(rows: list[dict], floor: dict | None) -> list[str]:
+    """What `stealguard-attack calibrate --from-contract` chooses from this frontier."""
+    from stealguard.attacks.calibrate import FrontierError, choose_from_frontier
+
+    try:
+        choice = choose_from_frontier(rows, floor=floor)
+    except FrontierError as e:
+        return [f"`stealguard-attack calibrate --from-contract` cannot choose yet: {e}."]
+    return [f"`stealguard-attack calibrate --from-contract` chooses **{choice['defense']}**: "
+            f"{choice['reason']}."]
 
 
 def _frontier_table(rows: list[dict]) -> list[str]:
@@ -189,9 +250,11 @@ def write(out: Path, meta: dict) -> str:
                                                                     ).exists() else []
     default_checks, paper_checks = checks(groups, "default"), checks(groups, "paper")
     front = frontier(groups, utilities)
+    floor = label_floor(groups, _frontier_budget(groups))
     (out / "contract.json").write_text(json.dumps(
         {"meta": meta, "checks": {"default": default_checks, "paper": paper_checks},
-         "frontier": front, "runs": len(runs)}, indent=1, default=float) + "\n")
+         "frontier": front, "label_floor": floor, "runs": len(runs)},
+        indent=1, default=float) + "\n")
     if runs:
         plot(groups, out / "contract_agreement.png", f"{meta.get('dataset', '')}: thieves "
              "against the default (coarse_confidence) and the paper's Reverse Sigmoid")
@@ -203,13 +266,17 @@ def write(out: Path, meta: dict) -> str:
         "## Utility and protection of every shipped defense (the frontier)", "",
         "Utility on the held-out test answers (contract rows: raw margin ≥ 0.02). "
         "Protection: the best of Sample, the contract floor and (Reverse Sigmoid) closed-form "
-        "inversion at the frontier budget.", "",
+        "inversion at the frontier budget, mean over the frontier seeds.", "",
+        *_floor_lines(floor), "",
         *_frontier_table(front), "",
+        *_calibration_lines(front, floor), "",
         "## The default (coarse_confidence) under every attack", "",
         *_stage_table(groups, ("floor", "default")), "",
         "### Checks", "",
         *_checks_table(default_checks), "",
-        f"{len(beaten)} of {len(default_checks)} comparisons beat their floor.", "",
+        f"{len(beaten)} of {len(default_checks)} comparisons beat their floor. The learned "
+        "thief is compared with the stronger, per metric, of the contract floor and the same "
+        "thief trained on labels only (its shadow model's prior: what labels give it).", "",
         "## The paper's Reverse Sigmoid (beta 1.5, gamma 0.3, guard) under the same attacks", "",
         *_stage_table(groups, ("paper",)), "",
         *_checks_table(paper_checks), "",
