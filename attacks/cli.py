@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from stealguard.attacks.datasets import DATASET_NAMES
+from stealguard.modelserver.datasets import DATASET_NAMES
 
 RUN_STRATEGIES = ("sample", "argmax", "random", "jacobian", "same-layer", "mse",
                   "label-smoothed", "argmax-rounded", "contract-floor", "closed-form",
@@ -190,9 +190,9 @@ def _meta(args, started: float) -> dict:
 
 def cmd_experiment(args) -> int:
     from stealguard.attacks import experiment, report
-    from stealguard.attacks.datasets import load_dataset
     from stealguard.attacks.metrics import accuracy
     from stealguard.attacks.training import predict
+    from stealguard.modelserver.datasets import load_dataset
 
     started = time.perf_counter()
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
@@ -234,7 +234,7 @@ def cmd_experiment(args) -> int:
 
 def cmd_contract(args) -> int:
     from stealguard.attacks import contract, experiment
-    from stealguard.attacks.datasets import load_dataset
+    from stealguard.modelserver.datasets import load_dataset
 
     started = time.perf_counter()
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
@@ -270,7 +270,7 @@ def cmd_calibrate(args) -> int:
         raise UsageError("--tolerance: only with --from-contract")
     from stealguard.attacks import experiment
     from stealguard.attacks.calibrate import calibrate, policy_yaml
-    from stealguard.attacks.datasets import load_dataset
+    from stealguard.modelserver.datasets import load_dataset
 
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     ds = load_dataset(args.dataset, seed=args.seed)
@@ -338,7 +338,7 @@ def _calibrate_from_contract(args) -> int:
 
 def _model_from_store(store: Path, name: str, ds):
     import torch
-    from stealguard.attacks.architectures import build_model
+    from stealguard.modelserver.architectures import build_model
     from stealguard.modelserver.store import ManifestError, read_manifest
 
     path = store / f"{name}.yaml"
@@ -366,7 +366,7 @@ def cmd_run(args) -> int:
     strategies = [s for group in (args.strategy or [["sample"]]) for s in group]
     if "same-layer" in strategies and (args.beta is None or args.gamma is None):
         raise UsageError("--strategy same-layer needs --beta and --gamma (the defense's)")
-    from stealguard.attacks.architectures import ARCHITECTURE_NAMES
+    from stealguard.modelserver.architectures import ARCHITECTURE_NAMES
 
     if args.architecture not in ARCHITECTURE_NAMES:
         raise UsageError(f"--architecture: unknown {args.architecture!r}; choose one of "

@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 from stealguard.attacks import strategies
-from stealguard.attacks.datasets import Dataset
 from stealguard.attacks.experiment import NO_DEFENSE, DefenseSpec, profile_for
 from stealguard.attacks.metrics import agreement, cosine, kl
 from stealguard.attacks.oracles import LocalOracle
 from stealguard.attacks.strategies import Attacker
 from stealguard.attacks.training import predict
+from stealguard.modelserver.datasets import Dataset
 from torch import nn
 
 CONTRACT_MARGIN_RAW = 0.02  # rows whose raw top-1 margin is at least this ...

@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from stealguard.attacks import strategies
-from stealguard.attacks.architectures import build_model
-from stealguard.attacks.datasets import Dataset
 from stealguard.attacks.metrics import accuracy, agreement, distortion
 from stealguard.attacks.oracles import LocalOracle
 from stealguard.attacks.strategies import Attacker
 from stealguard.attacks.training import TrainConfig, predict
+from stealguard.modelserver.architectures import build_model
+from stealguard.modelserver.datasets import Dataset
 from torch import nn
 from tqdm import tqdm
 

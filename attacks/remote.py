@@ -22,13 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stealguard.attacks.contract import runner_up, utility
-from stealguard.attacks.datasets import load_dataset
 from stealguard.attacks.experiment import profile_for
 from stealguard.attacks.kerckhoffs import constructor_params
 from stealguard.attacks.metrics import accuracy, agreement, distortion, kl
 from stealguard.attacks.oracles import OracleError, RemoteOracle
 from stealguard.attacks.strategies import STRATEGIES, Attacker
 from stealguard.attacks.training import predict
+from stealguard.modelserver.datasets import load_dataset
 
 
 def _answers(target: str, model: str, x, timeout: float):

@@ -46,8 +46,6 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 from stealguard.attacks import kerckhoffs
-from stealguard.attacks.architectures import LogReg, build_model
-from stealguard.attacks.datasets import Dataset
 from stealguard.attacks.oracles import Oracle
 from stealguard.attacks.training import (
     TrainConfig,
@@ -56,6 +54,8 @@ from stealguard.attacks.training import (
     soft_cross_entropy,
     train,
 )
+from stealguard.modelserver.architectures import LogReg, build_model
+from stealguard.modelserver.datasets import Dataset
 from torch import nn
 
 JACOBIAN_LAMBDA = 0.1

@@ -72,7 +72,7 @@ def request_data(kind: str, batch: int) -> bytes:
         return buffer.getvalue()
     if batch == 1:
         return npy(mnist_sample())
-    from stealguard.attacks.datasets import load_dataset
+    from stealguard.modelserver.datasets import load_dataset
 
     return npy(load_dataset("mnist").test_x[:batch])
 

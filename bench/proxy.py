@@ -104,7 +104,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def mnist_sample() -> np.ndarray:
-    from stealguard.attacks.datasets import load_dataset
+    from stealguard.modelserver.datasets import load_dataset
 
     return load_dataset("mnist").test_x[0]  # float32 (1, 28, 28)
 

@@ -172,7 +172,7 @@ def load_module(spec: ModelSpec) -> torch.nn.Module:
     if spec.architecture == "torchscript":
         module = torch.jit.load(str(spec.weights), map_location="cpu")
     else:
-        from stealguard.attacks.architectures import build_model
+        from stealguard.modelserver.architectures import build_model
 
         module = build_model(spec.architecture, spec.input_shape, len(spec.labels))
         module.load_state_dict(torch.load(spec.weights, map_location="cpu", weights_only=True))

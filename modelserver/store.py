@@ -7,7 +7,7 @@
 A manifest:
 
     version: "1.0"
-    architecture: simple        # stealguard.attacks.architectures name, or "torchscript"
+    architecture: simple        # stealguard.modelserver.architectures name, or "torchscript"
     weights: simple-mnist.pt    # relative to the store
     input_shape: [1, 28, 28]
     labels: ["0", "1", ..., "9"]

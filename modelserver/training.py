@@ -101,8 +101,8 @@ def _locked(path: Path):
 def _train(recipe: Recipe, weights: Path, log) -> dict:
     import torch
     import torch.nn.functional as F
-    from stealguard.attacks.architectures import build_model
-    from stealguard.attacks.datasets import load_dataset
+    from stealguard.modelserver.architectures import build_model
+    from stealguard.modelserver.datasets import load_dataset
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     started = time.perf_counter()

@@ -22,8 +22,8 @@ from concurrent import futures
 import grpc
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from stealguard.attacks.datasets import load_dataset
 from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc
+from stealguard.modelserver.datasets import load_dataset
 from stealguard.server.defenses import make_defense
 
 BETA, GAMMA = 1.5, 0.3

@@ -16,7 +16,7 @@ from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc
 
 def mnist_test_images(count: int) -> np.ndarray:
     """The first `count` images of the held-out MNIST test part, float32 (N, 1, 28, 28)."""
-    from stealguard.attacks.datasets import load_dataset
+    from stealguard.modelserver.datasets import load_dataset
 
     return load_dataset("mnist").test_x[:count]
 

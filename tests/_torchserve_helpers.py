@@ -22,7 +22,7 @@ from _procs import free_port
 STARTUP_TIMEOUT = 240.0
 
 MODEL_FILE = """\
-from stealguard.attacks.architectures import Simple
+from stealguard.modelserver.architectures import Simple
 
 
 class MnistSimple(Simple):
@@ -49,7 +49,7 @@ def command(name: str) -> str:
 def default_model():
     """The default model (trained once per machine, cached): (eager module, its files)."""
     import torch
-    from stealguard.attacks.architectures import build_model
+    from stealguard.modelserver.architectures import build_model
     from stealguard.modelserver.training import trained_model
 
     model = trained_model()

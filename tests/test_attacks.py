@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from stealguard.attacks.architectures import build_model
 from stealguard.attacks.calibrate import calibrate, policy_yaml
-from stealguard.attacks.datasets import load_dataset
 from stealguard.attacks.experiment import profile_for
 from stealguard.attacks.metrics import agreement, distortion, kl
 from stealguard.attacks.oracles import BudgetExceeded, LocalOracle
@@ -19,6 +17,8 @@ from stealguard.attacks.strategies import (
     train_inverter,
 )
 from stealguard.attacks.training import TrainConfig, predict, soften, train
+from stealguard.modelserver.architectures import build_model
+from stealguard.modelserver.datasets import load_dataset
 from stealguard.server.defenses import make_defense
 
 torch.set_num_threads(1)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from _procs import Process, free_port, script, start_sidecar
 from google.protobuf import empty_pb2
-from stealguard.attacks.datasets import load_dataset
 from stealguard.attacks.oracles import BudgetExceeded, OracleError, RemoteOracle
 from stealguard.compat.torchserve import inference_pb2_grpc
+from stealguard.modelserver.datasets import load_dataset
 from stealguard.server.defenses import make_defense
 
 SERVER = Path(__file__).with_name("_attacks_server.py")
@@ -225,8 +225,8 @@ def test_unknown_model_is_one_line_and_nonzero(server, tmp_path):
 def test_calibrate_a_model_store_model_prints_the_sidecar_policy(tmp_path):
     import torch
     import yaml
-    from stealguard.attacks.architectures import build_model
     from stealguard.attacks.training import TrainConfig, train
+    from stealguard.modelserver.architectures import build_model
 
     iris = load_dataset("iris", seed=0)
     torch.manual_seed(0)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -273,3 +274,17 @@ def test_the_model_server_does_not_import_numba():
     code = ("import sys; import stealguard.modelserver.server, stealguard.modelserver.cli; "
             "assert 'numba' not in sys.modules, 'numba imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_the_model_server_does_not_import_the_attack_suite():
+    """The dependency goes one way: `attacks` uses the model server's networks, datasets,
+    training and store; nothing under `modelserver` imports `attacks`."""
+    code = ("import sys; import stealguard.modelserver.server, stealguard.modelserver.cli, "
+            "stealguard.modelserver.training, stealguard.modelserver.handler, "
+            "stealguard.modelserver.store, stealguard.modelserver.architectures, "
+            "stealguard.modelserver.datasets; "
+            "bad = [m for m in sys.modules if m.startswith('stealguard.attacks')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    sources = Path(__file__).resolve().parent.parent / "modelserver"
+    assert not [p.name for p in sources.rglob("*.py") if "stealguard.attacks" in p.read_text()]

@@ -143,7 +143,7 @@ def test_yaml_config_max_in_flight_0_and_json_logs_on_configure_the_model_server
 
 
 def test_default_model_classifies_real_test_images(stack):
-    from stealguard.attacks.datasets import load_dataset
+    from stealguard.modelserver.datasets import load_dataset
 
     dataset = load_dataset("mnist")
     client, _ = stack
