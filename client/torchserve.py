@@ -28,6 +28,16 @@ config file (`torch-model-archiver --config-file`); the extra file `stealguard.y
                                              probabilities
     input_shape  -                           one sample's shape for the built-in
                                              preprocess, e.g. [1, 28, 28]
+    token_file   STEALGUARD_SIDECAR_TOKEN_FILE  a file holding the bearer token the handler
+                                             presents to the sidecar (none)
+    principal_header  STEALGUARD_PRINCIPAL_HEADER  the request header naming the end client
+                                             (e.g. x-client-id, set by the authenticating
+                                             gateway in front of TorchServe); each
+                                             request's rows are sent to the sidecar under
+                                             it, so a metering sidecar charges that client.
+                                             The sidecar believes it only when the token is
+                                             marked as a gateway in its token file. Unset:
+                                             every row is charged to the handler's token.
 
 To keep your own preprocess, subclass `StealguardHandler` and override `preprocess`; each
 output row is then one request's answer.
@@ -58,6 +68,8 @@ DEFAULTS: dict[str, Any] = {
     "transport": "stream",
     "output": "logits",
     "input_shape": None,
+    "token_file": None,
+    "principal_header": None,
 }
 ENVIRONMENT = {
     "sidecar": "STEALGUARD_SIDECAR",
@@ -65,7 +77,10 @@ ENVIRONMENT = {
     "timeout": "STEALGUARD_SIDECAR_TIMEOUT",
     "transport": "STEALGUARD_SIDECAR_TRANSPORT",
     "output": "STEALGUARD_OUTPUT",
+    "token_file": "STEALGUARD_SIDECAR_TOKEN_FILE",
+    "principal_header": "STEALGUARD_PRINCIPAL_HEADER",
 }
+PRINCIPAL_MAX = 128  # longer header values are cut (the sidecar's limit too)
 SETTINGS_FILES = ("stealguard.yaml", "stealguard.yml", "stealguard.json")
 
 
@@ -106,7 +121,24 @@ def load_settings(model_dir: str | os.PathLike | None, model_yaml_config: Mappin
         raise ValueError(f"output must be 'logits' or 'probabilities', got {settings['output']!r}")
     if settings["input_shape"] is not None:
         settings["input_shape"] = tuple(int(s) for s in settings["input_shape"])
+    if settings["principal_header"] is not None:
+        header = str(settings["principal_header"]).strip().lower()
+        if not header or any(c.isspace() or c == ":" for c in header):
+            raise ValueError(f"principal_header must be an HTTP header name, got "
+                             f"{settings['principal_header']!r}")
+        settings["principal_header"] = header
+    settings["token"] = _token(settings["token_file"]) if settings["token_file"] else None
     return settings
+
+
+def _token(path: str) -> str:
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"token_file: cannot read {path}: {exc}") from None
+    if not token or any(c.isspace() for c in token):
+        raise ValueError(f"token_file: {path} must hold one token (no spaces)")
+    return token
 
 
 def _read(path: Path) -> Any:
@@ -126,8 +158,10 @@ class StealguardHandler(BaseHandler):
                                       getattr(context, "model_yaml_config", None),
                                       context.model_name)
         self.sidecar = DefenseClient(self.settings["sidecar"], timeout=self.settings["timeout"],
-                                     stream=self.settings["transport"] == "stream")
+                                     stream=self.settings["transport"] == "stream",
+                                     token=self.settings["token"])
         self._requests: list[tuple[int, bool]] | None = None
+        self._principals: list[str] | None = None
         log.info("stealguard: model %s protected by sidecar %s (%s), policy %r",
                  context.model_name, self.settings["sidecar"], self.settings["transport"],
                  self.settings["policy"])
@@ -140,6 +174,7 @@ class StealguardHandler(BaseHandler):
                 "stealguard handler: set input_shape (e.g. [1, 28, 28]) in stealguard.yaml "
                 "to use its PNG/.npy preprocess, or override preprocess", 500)
         batches, self._requests = [], []
+        self._principals = [self._principal(index) for index in range(len(data))]
         for index, row in enumerate(data):
             payload = row.get("data") if row.get("data") is not None else row.get("body")
             try:
@@ -154,15 +189,31 @@ class StealguardHandler(BaseHandler):
             self._requests.append((len(batch), is_batch))
         return torch.from_numpy(np.concatenate(batches)).to(self.device)
 
+    def _principal(self, index: int) -> str:
+        """The end client of request `index`: its `principal_header`, or "" (the handler's
+        own token is charged)."""
+        header = self.settings["principal_header"]
+        context = getattr(self, "context", None)
+        if header is None or context is None:
+            return ""
+        value = context.get_request_header(index, header)
+        if value is None:  # TorchServe keeps the header's case as sent
+            headers = context.get_all_request_header(index) or {}
+            value = next((v for k, v in headers.items() if str(k).lower() == header), None)
+        if isinstance(value, (bytes, bytearray)):
+            value = value.decode("utf-8", "replace")
+        return str(value).strip()[:PRINCIPAL_MAX] if value else ""
+
     def postprocess(self, data: torch.Tensor) -> list:
         """Model output → probabilities → the sidecar (fail-closed) → one answer per request."""
         output = data.detach().cpu().double()
         if self.settings["output"] == "logits":
             output = torch.softmax(output, dim=1)
         probs = output.numpy()
-        if self.settings["policy"] != "none":
-            probs = protect(self.sidecar, probs, model=self.settings["policy"])
         requests, self._requests = self._requests, None
+        principals, self._principals = self._principals, None
+        if self.settings["policy"] != "none":
+            probs = self._protect(probs, requests, principals)
         if requests is None:  # a subclass's own preprocess: one row per request
             return probs.tolist()
         answers, start = [], 0
@@ -171,4 +222,19 @@ class StealguardHandler(BaseHandler):
             answers.append(part.tolist() if is_batch else part[0].tolist())
             start += rows
         return answers
+
+    def _protect(self, probs: np.ndarray, requests: list[tuple[int, bool]] | None,
+                 principals: list[str] | None) -> np.ndarray:
+        """The sidecar's answer for every row: one call per end client in the batch, so
+        each is charged for its own rows (one call when no principal header is set)."""
+        policy = self.settings["policy"]
+        if not requests or not principals or len(set(principals)) == 1:
+            return protect(self.sidecar, probs, model=policy,
+                           principal=principals[0] if principals else "")
+        owner = np.repeat(np.arange(len(requests)), [rows for rows, _ in requests])
+        out = np.empty_like(probs)
+        for principal in dict.fromkeys(principals):
+            rows = np.isin(owner, [i for i, p in enumerate(principals) if p == principal])
+            out[rows] = protect(self.sidecar, probs[rows], model=policy, principal=principal)
+        return out
 

@@ -13,7 +13,8 @@ from stealguard.client.torchserve import load_settings  # noqa: E402
 def test_defaults_send_the_torchserve_model_name_to_the_local_sidecar(tmp_path):
     settings = load_settings(tmp_path, None, "mnist", env={})
     assert settings == {"sidecar": "127.0.0.1:50051", "policy": "mnist", "timeout": 1.0,
-                        "transport": "stream", "output": "logits", "input_shape": None}
+                        "transport": "stream", "output": "logits", "input_shape": None,
+                        "token_file": None, "principal_header": None, "token": None}
 
 
 def test_extra_file_overrides_model_config_and_environment_overrides_both(tmp_path):
@@ -45,6 +46,8 @@ def test_unknown_setting_is_named_with_its_source(tmp_path):
     ({"STEALGUARD_SIDECAR_TIMEOUT": "0"}, "timeout must be > 0 seconds"),
     ({"STEALGUARD_OUTPUT": "scores"}, "output must be 'logits' or 'probabilities'"),
     ({"STEALGUARD_SIDECAR_TRANSPORT": "udp"}, "transport must be 'stream' or 'unary'"),
+    ({"STEALGUARD_PRINCIPAL_HEADER": "x client"}, "principal_header must be an HTTP header"),
+    ({"STEALGUARD_SIDECAR_TOKEN_FILE": "/nonexistent/token"}, "token_file: cannot read"),
 ])
 def test_bad_values_are_rejected_with_the_key(tmp_path, env, message):
     with pytest.raises(ValueError, match=message):
@@ -97,3 +100,51 @@ def test_a_bad_request_in_a_torchserve_batch_is_a_400_naming_it(tmp_path, sideca
         handler.preprocess([{"data": b"\x93NUMPY garbage"}, {"other": b""}])
     assert error.value.error_code == 400
     assert error.value.message.startswith("request 0: input 'data' is not a readable .npy")
+
+
+def test_a_batch_from_two_end_clients_is_sent_as_one_call_each(tmp_path):
+    """A TorchServe batch mixing alice and bob (TorchServe's own Context and
+    RequestProcessor): each client's rows reach the sidecar under its name, in one call
+    each, and each answer is that client's rows protected."""
+    import numpy as np
+    import torch
+    from _modelserver_helpers import mnist_test_images, npy_bytes
+    from _procs import start_sidecar
+    from stealguard.client import DefenseClient
+    from ts.context import Context, RequestProcessor
+
+    (tmp_path / "tokens").write_text("torchserve:gw-secret:gateway\n")
+    (tmp_path / "token").write_text("gw-secret\n")
+    process, address = start_sidecar("--token-file", str(tmp_path / "tokens"),
+                                      "--quota", "3/1h")
+    try:
+        settings = load_settings(tmp_path, {"stealguard": {
+            "input_shape": [1, 28, 28], "principal_header": "X-Client-Id",
+            "token_file": str(tmp_path / "token")}}, "mnist", env={})
+        handler = _handler(settings, address)
+        handler.sidecar = DefenseClient(address, timeout=10, token=settings["token"])
+        handler.context = Context("mnist", str(tmp_path), {}, 3, None, "0.12")
+        handler.context.request_processor = [RequestProcessor({"X-Client-Id": name})
+                                             for name in ("alice", "bob", "alice")]
+        images = mnist_test_images(4)
+        batch = handler.preprocess([{"data": npy_bytes(images[:2])},
+                                    {"data": npy_bytes(images[2])},
+                                    {"data": npy_bytes(images[3])}])
+        logits = torch.tensor(np.random.default_rng(1).normal(0, 4, (4, 10)))
+        answers = handler.postprocess(logits)
+        # alice has spent 3 rows (2 + 1), bob 1: alice's next row is over, bob's is not
+        after = handler.preprocess([{"data": npy_bytes(images[0])},
+                                    {"data": npy_bytes(images[1])},
+                                    {"data": npy_bytes(images[2])}])
+        assert tuple(after.shape) == (3, 1, 28, 28)
+        more = handler.postprocess(logits[:3])
+    finally:
+        process.stop()
+    probs = torch.softmax(logits, dim=1).numpy()
+    assert [np.array(a).shape for a in answers] == [(2, 10), (10,), (10,)]
+    served = np.vstack([answers[0], answers[1], answers[2]])
+    assert (served.argmax(1) == probs.argmax(1)).all() and (served.max(1) < 1).all()
+    alice_over, bob_ok, alice_over_too = (np.array(a) for a in more)
+    np.testing.assert_array_equal(alice_over, np.eye(10)[probs[0].argmax()])
+    assert bob_ok.max() < 1 and bob_ok.argmax() == probs[1].argmax()
+    np.testing.assert_array_equal(alice_over_too, np.eye(10)[probs[2].argmax()])
