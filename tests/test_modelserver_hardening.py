@@ -332,3 +332,40 @@ def test_model_server_predictions_go_through_the_protect_core_limits_and_observe
     assert answer.shape == (2, 3) and np.allclose(answer.sum(axis=1), 1.0)
     assert REGISTRY.get_sample_value(*rows) == before[0] + 2
     assert REGISTRY.get_sample_value(*limited) == before[1] + 1
+
+
+def test_sighup_revokes_a_token_on_the_model_server_and_a_bad_file_keeps_the_old(
+        sidecar, tmp_path, image):
+    import signal
+
+    def code(token):
+        try:
+            predict(address, "mnist", image, token=token)
+            return grpc.StatusCode.OK
+        except grpc.RpcError as error:
+            return error.code()
+
+    def until(predicate, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while not (value := predicate()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return value
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("app:app-secret\nbob:bob-secret\n")
+    process, address = start_modelserver(sidecar, tmp_path / "store", "--token-file",
+                                         str(tokens))
+    try:
+        process.wait_healthy(address, timeout=STARTUP_TIMEOUT)
+        assert code("bob-secret") == grpc.StatusCode.OK
+        tokens.write_text("app:app-secret\n")  # bob revoked
+        process.popen.send_signal(signal.SIGHUP)
+        assert until(lambda: code("bob-secret") == grpc.StatusCode.UNAUTHENTICATED)
+        assert code("app-secret") == grpc.StatusCode.OK
+        tokens.write_text("# nobody\n")  # a file that would refuse every call: rejected
+        process.popen.send_signal(signal.SIGHUP)
+        assert until(lambda: "no token in the file" in process.output())
+        assert code("app-secret") == grpc.StatusCode.OK
+        assert code("bob-secret") == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        assert process.stop() == 0, process.output()
