@@ -248,6 +248,7 @@ class ContractExperiment:
             "runner_up": float((runner_up(stolen_test) == runner_up(self.base_test)).mean()),
             "kl": kl(self.base_test, stolen_test),
             "cosine": cosine(stolen_test, self.base_test),
+            "victim": victim_of(self.base_test),
             "seconds": round(time.perf_counter() - started, 1),
         }
         line = json.dumps(record) + "\n"
@@ -266,6 +267,16 @@ class ContractExperiment:
             served = spec.build()(self.base_test)
             out.append({"defense": spec.describe(), **utility(served, self.base_test)})
         return out
+
+
+def victim_of(base_test: np.ndarray) -> str:
+    """Which victim a run attacked: its mean test top and a hash of its test answers. A
+    retrained base model (another machine, another torch) is another victim, and runs
+    against different victims must not be paired."""
+    import hashlib
+
+    digest = hashlib.sha256(np.ascontiguousarray(base_test, np.float64).tobytes()).hexdigest()
+    return f"mean top {float(np.max(base_test, 1).mean()):.5f}, sha256 {digest[:12]}"
 
 
 def read_runs(out: Path) -> list[dict]:

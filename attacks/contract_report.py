@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +168,15 @@ def _frontier_budget(groups: dict) -> int | None:
     return max(budgets) if budgets else None
 
 
+def _victim_lines(victims: Counter) -> list[str]:
+    if len(victims) < 2:
+        return []
+    parts = "; ".join(f"{n} runs against {v}" for v, n in victims.most_common())
+    return [f"**Warning: these runs attacked {len(victims)} different victims** ({parts}). "
+            "Comparisons pair runs by seed, so some pairs mix victims; re-run on one victim "
+            "for figures that can be cited as one experiment.", ""]
+
+
 def _floor_lines(floor: dict | None) -> list[str]:
     if floor is None:
         return ["The argmax-only floor at the frontier budget was not run."]
@@ -259,10 +268,12 @@ def write(out: Path, meta: dict) -> str:
         plot(groups, out / "contract_agreement.png", f"{meta.get('dataset', '')}: thieves "
              "against the default (coarse_confidence) and the paper's Reverse Sigmoid")
     beaten = [c for c in default_checks if c["beats"]]
+    victims = Counter(r.get("victim", "not recorded") for r in runs)
     lines = [
         f"# {meta.get('dataset', '')}: the utility contract and the Kerckhoffs attacker", "",
         f"Made by `{meta.get('command', 'stealguard-attack contract')}` ({len(runs)} runs). "
         "Intervals: 95% t over attacker seeds; comparisons paired by seed.", "",
+        *_victim_lines(victims),
         "## Utility and protection of every shipped defense (the frontier)", "",
         "Utility on the held-out test answers (contract rows: raw margin ≥ 0.02). "
         "Protection: the best of Sample, the contract floor and (Reverse Sigmoid) closed-form "
