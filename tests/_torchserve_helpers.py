@@ -116,6 +116,10 @@ def running_torchserve(work: Path, store: Path, models: list[str]) -> Iterator[d
         "default_workers_per_model=1",
         "install_py_dep_per_model=false",
         f"model_store={store}",
+        # the JVM's temporary folder (TorchServe unpacks models into tmpdir/models) and no
+        # /tmp/hsperfdata_$USER: a run leaves nothing in /tmp
+        f"vmargs=-Xmx1g -XX:+ExitOnOutOfMemoryError -XX:-UsePerfData "
+        f"-Djava.io.tmpdir={work / 'tmp'}",
         "",
     ]))
     # TMPDIR isolates TorchServe's pid file (tempfile.gettempdir()/.model_server.pid), so
