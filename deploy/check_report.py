@@ -1,18 +1,24 @@
 """Check the compose scenario's out/report.json (written by `stealguard-attack run`).
 
 Usage: python3 deploy/check_report.py [REPORT] [--protected mnist] [--unprotected mnist-open]
-                                      [--tolerance 0.03] [--min-gap 0.05]
+                                      [--tolerance 0.05] [--runner-up-tolerance 0.10]
+                                      [--min-gap 0.03]
 
 Passes (exit 0) when the protected model keeps the utility contract and leaves thieves with
 labels, through the real network path:
   - its answers keep the base model's top-1 label on every test input, and on every row whose
     raw margin is at least 0.02 the label survives rounding to 2 decimals and float32;
   - at every budget, no thief of the protected model beats the best label-only thief
-    (argmax, label-smoothed) by more than TOLERANCE, on agreement or on runner-up agreement
-    (one seed per run here, hence a tolerance; attacks/results/ has the intervals);
+    (argmax, label-smoothed) by more than TOLERANCE on agreement or RUNNER_UP_TOLERANCE on
+    runner-up agreement. One seed per run here, hence tolerances of about 2.5 standard
+    deviations of a single-seed difference at 1,000 MNIST queries (attacks/results/mnist:
+    per-seed sd about 0.013 for agreement, 0.02-0.06 for runner-up; two compose runs of the
+    same commit gave Sample 0.32 and 0.36 runner-up against label-only 0.29 and 0.33).
+    attacks/results/ has the intervals;
   - the answers carry less dark knowledge than raw ones: the unprotected model's Sample
     thief gets a runner-up agreement at least MIN_GAP above the protected model's Sample
-    thief (labels alone teach some runner-up structure, so the comparison is Sample's).
+    thief (measured: 0.16 on average over 5 seeds, 0.07 and 0.14 in two compose runs;
+    labels alone teach some runner-up structure, so the comparison is Sample's).
 Otherwise prints why and exits 1.
 """
 
@@ -26,7 +32,7 @@ LABEL_ONLY = ("argmax", "label-smoothed")
 
 
 def problems(report: dict, protected: str, unprotected: str, tolerance: float,
-             min_gap: float) -> list[str]:
+             min_gap: float, runner_up_tolerance: float | None = None) -> list[str]:
     """What the report fails, as sentences; empty when it passes."""
     models = report.get("models", {})
     missing = [name for name in (protected, unprotected) if name not in models]
@@ -51,13 +57,15 @@ def problems(report: dict, protected: str, unprotected: str, tolerance: float,
             found.append(f"{protected}, {budget} queries: no label-only thief "
                          f"({', '.join(LABEL_ONLY)}) to compare with")
             continue
-        for metric in ("agreement", "runner_up"):
+        allowed = {"agreement": tolerance, "runner_up": tolerance if runner_up_tolerance is None
+                   else runner_up_tolerance}
+        for metric, slack in allowed.items():
             floor = max(r[metric] for r in labels)
             for r in at:
-                if r["strategy"] not in LABEL_ONLY and r[metric] > floor + tolerance:
+                if r["strategy"] not in LABEL_ONLY and r[metric] > floor + slack:
                     found.append(f"{protected}, {budget} queries: {r['strategy']} reaches "
                                  f"{metric} {r[metric]:.3f}, above the label-only thieves' "
-                                 f"{floor:.3f} by more than {tolerance:.2f}")
+                                 f"{floor:.3f} by more than {slack:.2f}")
         open_sample = [r for r in models[unprotected]["runs"]
                        if r["budget"] == budget and r["strategy"] == "sample"]
         sample = [r for r in at if r["strategy"] == "sample"]
@@ -76,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("report", nargs="?", default="out/report.json")
     parser.add_argument("--protected", default="mnist")
     parser.add_argument("--unprotected", default="mnist-open")
-    parser.add_argument("--tolerance", type=float, default=0.03)
-    parser.add_argument("--min-gap", type=float, default=0.05)
+    parser.add_argument("--tolerance", type=float, default=0.05)
+    parser.add_argument("--runner-up-tolerance", type=float, default=0.10)
+    parser.add_argument("--min-gap", type=float, default=0.03)
     args = parser.parse_args(argv)
     try:
         with open(args.report) as f:
@@ -85,14 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"check_report: cannot read {args.report}: {err}", file=sys.stderr)
         return 1
-    found = problems(report, args.protected, args.unprotected, args.tolerance, args.min_gap)
+    found = problems(report, args.protected, args.unprotected, args.tolerance, args.min_gap,
+                     args.runner_up_tolerance)
     for problem in found:
         print(f"check_report: FAIL: {problem}", file=sys.stderr)
     if found:
         return 1
     runs = report["models"][args.protected]["runs"]
     print(f"check_report: OK: {args.protected} keeps the utility contract; none of its "
-          f"{len(runs)} thieves beats the label-only ones by more than {args.tolerance:.2f}, "
+          f"{len(runs)} thieves beats the label-only ones by more than {args.tolerance:.2f} "
+          f"(agreement) / {args.runner_up_tolerance:.2f} (runner-up), "
           f"and Sample learns at least {args.min_gap:.2f} less runner-up structure than from "
           f"{args.unprotected}")
     return 0
