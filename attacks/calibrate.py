@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 import yaml
+from stealguard.attacks.contract import contract_holds
 from stealguard.attacks.experiment import NO_DEFENSE, Experiment, Run, reverse_sigmoid
 
 MIN_DROP = 0.20
@@ -35,11 +36,6 @@ FRONTIER_TOLERANCE = 0.02
 
 class FrontierError(ValueError):
     """The frontier cannot support a choice (no measured row meets the contract)."""
-
-
-def _holds(row: dict) -> bool:
-    return (row.get("served_margin_ok") == 1.0 and row.get("label_kept_round2") == 1.0
-            and row.get("label_kept_float32") == 1.0)
 
 
 def choose_from_frontier(rows: list[dict], tolerance: float = FRONTIER_TOLERANCE,
@@ -55,7 +51,7 @@ def choose_from_frontier(rows: list[dict], tolerance: float = FRONTIER_TOLERANCE
     if not measured:
         raise FrontierError("no defense of the frontier has a measured best thief (run "
                             "`stealguard-attack contract` without --no-frontier)")
-    eligible = [r for r in measured if _holds(r)]
+    eligible = [r for r in measured if contract_holds(r)]
     if not eligible:
         raise FrontierError(f"none of the {len(measured)} measured defenses keeps the label "
                             "contract")

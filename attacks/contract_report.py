@@ -56,13 +56,12 @@ def _beats(mean: float, hw: float) -> bool | None:
     return mean > hw
 
 
-LEARNED = "learned"
-
-
 def checks(groups: dict, stage: str) -> list[dict]:
     """For each budget of `stage`: every attack against the contract floor (the learned
     thief against the stronger of it and the learned thief on labels), and the contract
     floor against argmax-only (the best label-only thief), on each metric."""
+    from stealguard.attacks.contract import LEARNED
+
     out = []
     budgets = sorted({k[3] for k in groups if k[0] == stage})
     for b in budgets:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,21 @@ class SidecarError(RuntimeError):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+
+
+def read_token_file(path: str | os.PathLike[str], flag: str) -> str:
+    """The one bearer token in the file at `path` (blank lines and `#` comments skipped);
+    ValueError starting with `flag` when it cannot be read or does not hold exactly one."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{flag}: cannot read {path}: {error}") from None
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line.strip().startswith("#")]
+    if len(lines) != 1:
+        raise ValueError(f"{flag}: {path} must hold exactly one token (found {len(lines)} "
+                         "non-comment lines)")
+    return lines[0]
 
 
 def channel_credentials(

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 import yaml
 from stealguard.client import DefenseClient, protect
+from stealguard.client.defense import read_token_file
 from stealguard.client.inputs import InputError, decode_input
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
@@ -127,18 +128,9 @@ def load_settings(model_dir: str | os.PathLike | None, model_yaml_config: Mappin
             raise ValueError(f"principal_header must be an HTTP header name, got "
                              f"{settings['principal_header']!r}")
         settings["principal_header"] = header
-    settings["token"] = _token(settings["token_file"]) if settings["token_file"] else None
+    settings["token"] = (read_token_file(settings["token_file"], "token_file")
+                         if settings["token_file"] else None)
     return settings
-
-
-def _token(path: str) -> str:
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"token_file: cannot read {path}: {exc}") from None
-    if not token or any(c.isspace() for c in token):
-        raise ValueError(f"token_file: {path} must hold one token (no spaces)")
-    return token
 
 
 def _read(path: Path) -> Any:

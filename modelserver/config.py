@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from stealguard.client.defense import read_token_file
 from stealguard.modelserver.training import cache_root
 from stealguard.server.settings import ConfigError, ServerSettings, load_settings, setting
 
@@ -59,16 +60,9 @@ class ServerConfig(ServerSettings):
         if not self.sidecar_token_file:
             return None
         try:
-            text = Path(self.sidecar_token_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"--sidecar-token-file: cannot read {self.sidecar_token_file}: "
-                              f"{error}") from None
-        lines = [line.strip() for line in text.splitlines()
-                 if line.strip() and not line.strip().startswith("#")]
-        if len(lines) != 1:
-            raise ConfigError(f"--sidecar-token-file: {self.sidecar_token_file} must hold "
-                              f"exactly one token (found {len(lines)} non-comment lines)")
-        return lines[0]
+            return read_token_file(self.sidecar_token_file, "--sidecar-token-file")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 def load_modelserver_config(path: str | None = None, env: Mapping[str, str] | None = None,

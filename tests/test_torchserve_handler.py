@@ -130,6 +130,7 @@ def test_a_batch_from_two_end_clients_is_sent_as_one_call_each(tmp_path):
         batch = handler.preprocess([{"data": npy_bytes(images[:2])},
                                     {"data": npy_bytes(images[2])},
                                     {"data": npy_bytes(images[3])}])
+        assert tuple(batch.shape) == (4, 1, 28, 28)
         logits = torch.tensor(np.random.default_rng(1).normal(0, 4, (4, 10)))
         answers = handler.postprocess(logits)
         # alice has spent 3 rows (2 + 1), bob 1: alice's next row is over, bob's is not
