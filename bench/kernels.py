@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reverse Sigmoid kernel against a vectorised NumPy implementation and against a copy.
+"""Reverse Sigmoid kernel and the default policy against vectorised NumPy and a copy.
 
     python bench/kernels.py                 # throughput, per-call overhead, accuracy
     python bench/kernels.py --quick         # fewer repeats
@@ -12,7 +12,8 @@ NumPy operations, and (b) `np.copyto` of the same bytes into a preallocated arra
 figure is the best of several runs (the machine is shared; the best run is the one least
 disturbed); process CPU time is given too, since other processes share the cores.
 "kernel" writes into a preallocated output like the copy does; "defense()" is
-the public call, which also validates and allocates its output.
+the public call, which also validates and allocates its output. The default policy
+(coarse_confidence, keyed rest) is timed through its public call on the same batches.
 
 Prints Markdown; writes {"headline": {...}} to $STEALGUARD_BENCH_JSON when set.
 """
@@ -101,6 +102,29 @@ def throughput(repeats: int) -> tuple[list[str], dict]:
         key = f"{n}x{k}"
         headline[f"RS {key} vs NumPy (x faster)"] = round(t_numpy[0] / t_off[0], 1)
         headline[f"RS {key} / copy (x slower)"] = round(t_off[0] / t_copy[0], 1)
+    return lines, headline
+
+
+def default_policy(repeats: int) -> tuple[list[str], dict]:
+    """The shipped default (coarse_confidence, keyed rest) through the public call, against
+    the same NumPy formula and copy: what a default policy costs per batch."""
+    lines = ["| batch | NumPy RS (no guard) | copy | default `defense()` | NumPy / defense() |"
+             " defense() / copy |", "|---|---|---|---|---|---|"]
+    headline = {}
+    default = make_defense("coarse_confidence", secret=b"bench")
+    for n, k in ((1_000_000, 10), (10_000, 1_000)):
+        y = softmax_rows(n, k)
+        out = np.empty_like(y)
+        t_numpy = best_of(lambda y=y: numpy_reverse_sigmoid(y, BETA, GAMMA), max(2, repeats // 3))
+        t_copy = best_of(lambda y=y, out=out: np.copyto(out, y), repeats)
+        t_call = best_of(lambda y=y: default(y), repeats)
+        lines.append(f"| {n:,} x {k:,} float32 | {t_numpy[0] * 1e3:.1f} ms | "
+                     f"{t_copy[0] * 1e3:.1f} ms | {t_call[0] * 1e3:.1f} ms | "
+                     f"{t_numpy[0] / t_call[0]:.1f}x | {t_call[0] / t_copy[0]:.1f}x |")
+        key = f"{n}x{k}"
+        headline[f"default defense() {key} vs NumPy RS (x faster)"] = round(
+            t_numpy[0] / t_call[0], 1)
+        headline[f"default defense() {key} / copy (x slower)"] = round(t_call[0] / t_copy[0], 1)
     return lines, headline
 
 
@@ -218,6 +242,9 @@ def main() -> None:
     print(f"numba {numba.__version__}, {numba.config.NUMBA_NUM_THREADS} threads, "
           f"load average {os.getloadavg()[0]:.1f}\n")
     lines, headline = throughput(repeats)
+    print("\n".join(lines) + "\n")
+    lines, more = default_policy(repeats)
+    headline.update(more)
     print("\n".join(lines) + "\n")
     print("\n".join(overhead(repeats)) + "\n")
     print("\n".join(accuracy()) + "\n")
