@@ -209,6 +209,23 @@ def test_perturb_stream_times_each_message_on_long_lived_streams(sidecar):
     assert_latency_block(doc["latency_ms"])
 
 
+def test_streams_the_server_refuses_are_counted_by_status_and_reopened():
+    # two streams per principal: the third and fourth callers' streams are ended by the
+    # sidecar before their first message (a write to a finished call), counted, not a crash
+    process, address = start_sidecar("--max-streams-per-principal", "2")
+    try:
+        doc = load_json("--target", address, "--method", "perturb-stream", "--total", "200",
+                        "--concurrency", "4")
+    finally:
+        process.stop()
+    # grpc.aio reports some of the refusals as INTERNAL (a write racing the end of the
+    # call, grpc/grpc#36066): those are counted as the server ending the stream
+    assert doc["requests"] == 200 and doc["ok"] >= 2
+    assert doc["errors"].get("RESOURCE_EXHAUSTED")
+    assert set(doc["errors"]) <= {"RESOURCE_EXHAUSTED", "STREAM_ENDED"}, doc["errors"]
+    assert doc["ok"] + sum(doc["errors"].values()) == 200
+
+
 # --- the proof that the correction works -------------------------------------------------
 
 

@@ -106,8 +106,24 @@ async def _within(seconds: float, coro):
     return await asyncio.wait_for(coro, seconds)  # pragma: no cover - Python 3.10
 
 
+class _EndedBeforeWrite(Exception):
+    """The server had ended the stream when a message was written to it."""
+
+
+#: What grpc.aio reports for a write to a call the server had just ended, in place of the
+#: server's own status (grpc/grpc#36066).
+_CORE_WRITE_ERROR = "Internal error from Core"
+
+
 async def _exchange(stream, request: bytes):
-    await stream.write(request)
+    try:
+        await stream.write(request)
+    except asyncio.InvalidStateError:
+        raise _EndedBeforeWrite from None
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.INTERNAL and exc.details() == _CORE_WRITE_ERROR:
+            raise _EndedBeforeWrite from None
+        raise
     return await stream.read()
 
 
@@ -176,11 +192,10 @@ class StreamCaller:
             self._drop()
             self.details = exc.details()
             return exc.code().name
-        if reply is grpc.aio.EOF:  # the server ended the stream: its status says why
-            self._stream = None
-            code = await stream.code()
-            self.details = await stream.details() or "the server ended the stream"
-            return "STREAM_ENDED" if code == grpc.StatusCode.OK else code.name
+        except _EndedBeforeWrite:  # ended by the server before this write (refused)
+            return await self._ended(stream)
+        if reply is grpc.aio.EOF:
+            return await self._ended(stream)
         self.reply = reply
         if not reply.startswith(_PROBABILITIES_TAG):  # not an answer: perhaps a refusal
             error = defense_pb2.PerturbResponse.FromString(reply).error
@@ -188,6 +203,17 @@ class StreamCaller:
                 self.details = error.message
                 return status_code(error.code).name
         return OK
+
+    async def _ended(self, stream) -> str:
+        """The server ended the stream: its status says why; the next call opens another."""
+        self._stream = None
+        code, details = await stream.code(), await stream.details()
+        if code == grpc.StatusCode.INTERNAL and details == _CORE_WRITE_ERROR:
+            code, details = grpc.StatusCode.OK, ("the server ended the stream before this "
+                                                 "message; grpc.aio hides its status "
+                                                 "(grpc/grpc#36066)")
+        self.details = details or "the server ended the stream"
+        return "STREAM_ENDED" if code == grpc.StatusCode.OK else code.name
 
     def _drop(self) -> None:
         if self._stream is not None:

@@ -8,11 +8,12 @@ something needs it, so a plain server pays nothing for them:
 - `CallMetricsInterceptor` (metrics are on): calls in flight and time per call by method.
 - `RequestBytesInterceptor` (`max_request_bytes` > 0): bounds the memory the requests
   being served take, counted as COST times each message's size. A call first reserves
-  that for the largest message; when it does not fit, the call is refused at once with
-  RESOURCE_EXHAUSTED before its message is read (gRPC then holds no more of it than the
-  HTTP/2 window: the server turns off gRPC's window growth, BDP probing, when bounded).
-  Once read, the reservation shrinks to the message's own cost until the call ends (for
-  a stream: until the next message is read).
+  that for the largest message (a stream's later messages: for the largest it has sent,
+  at least STREAM_FLOOR); when it does not fit within RequestBytes.wait, the call is
+  refused with RESOURCE_EXHAUSTED before its message is read (gRPC then holds no more of
+  it than the HTTP/2 window: the server turns off gRPC's window growth, BDP probing, when
+  bounded). Once read, the reservation becomes the message's own cost until the call ends
+  (for a stream: until the next message is read).
 
 Limits are not here: the concurrency limit is gRPC's own (`maximum_concurrent_rpcs`, which
 refuses at once with RESOURCE_EXHAUSTED), and rate limits and quotas are the protect core's
@@ -21,7 +22,9 @@ limiter (`stealguard.server.core`), charged per request: each message of a strea
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import deque
 
 import grpc
 from stealguard.server.errors import Unauthenticated
@@ -101,27 +104,64 @@ class CallMetricsInterceptor(grpc.aio.ServerInterceptor):
 
 class RequestBytes:
     """The memory held for requests: `held` by messages read, `reserved` by reads under
-    way, against `bound`."""
+    way, against `bound`. A read that does not fit waits its turn (first come, first
+    served) for up to `wait` seconds: a burst of small calls is served as each read ends
+    instead of refused, and the queue is never longer than the calls in flight."""
 
-    def __init__(self, bound: int):
+    def __init__(self, bound: int, wait: float = 0.25):
         self.bound = bound
+        self.wait = wait
         self.held = 0
         self.reserved = 0
+        self._waiting: deque[tuple[int, asyncio.Future]] = deque()
 
-    def reserve(self, n: int) -> bool:
-        """Room to read a message costing up to `n`, or False (refuse at once)."""
-        if self.held + self.reserved + n > self.bound:
-            return False
-        self.reserved += n
-        return True
+    def _fits(self, n: int) -> bool:
+        return self.held + self.reserved + n <= self.bound
+
+    async def reserve(self, n: int) -> bool:
+        """Room to read a message costing up to `n`, or False (refuse: none came in time)."""
+        if not self._waiting and self._fits(n):
+            self.reserved += n
+            return True
+        turn = asyncio.get_running_loop().create_future()
+        self._waiting.append((n, turn))
+        try:
+            async with asyncio.timeout(self.wait):
+                return await turn
+        except TimeoutError:
+            granted = turn.done() and not turn.cancelled()  # granted as the wait ended
+            self._serve()  # a cancelled turn at the head no longer holds up the others
+            return granted
+        except asyncio.CancelledError:  # the call ended while it waited
+            if turn.done() and not turn.cancelled():
+                self.settle(n, 0)
+            else:
+                turn.cancel()
+                self._serve()
+            raise
+
+    def _serve(self) -> None:
+        while self._waiting and (self._waiting[0][1].done() or self._fits(self._waiting[0][0])):
+            n, turn = self._waiting.popleft()
+            if not turn.done():
+                self.reserved += n
+                turn.set_result(True)
 
     def settle(self, reserved: int, cost: int) -> None:
         """A read ended: its reservation becomes the message's `cost` (0: nothing read)."""
         self.reserved -= reserved
         self.held += cost
+        self._serve()
 
     def give(self, cost: int) -> None:
         self.held -= cost
+        if cost:
+            self._serve()
+
+
+#: What a stream's next message reserves at least, in cost (8 x 64 KiB): what a small
+#: request costs, and what gRPC buffers of a message not yet read with BDP probing off.
+STREAM_FLOOR = 8 * 64 * 1024
 
 
 class RequestBytesInterceptor(grpc.aio.ServerInterceptor):
@@ -153,10 +193,15 @@ class RequestBytesInterceptor(grpc.aio.ServerInterceptor):
         budget, reserve, refusal = self.budget, self.reserve, self._refusal
 
         async def read(context, held: list[int]):
-            """The next request (None at the end), its cost held in `held[0]`."""
+            """The next request (None at the end), its cost held in `held[0]`; `held[1]` is
+            the largest cost this call has read (None before its first message)."""
             budget.give(held[0])
             held[0] = 0
-            if not budget.reserve(reserve):
+            # The first message reserves room for the largest; a stream's later messages
+            # room for the largest it has sent (at least STREAM_FLOOR), so that streams
+            # waiting for their next message do not hold the bound away from every call.
+            room = reserve if held[1] is None else min(reserve, max(held[1], STREAM_FLOOR))
+            if not await budget.reserve(room):
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal())
             cost = 0
             try:
@@ -165,8 +210,9 @@ class RequestBytesInterceptor(grpc.aio.ServerInterceptor):
                     return None
                 cost = min(len(raw) * RequestBytesInterceptor.COST, reserve)
             finally:
-                budget.settle(reserve, cost)
+                budget.settle(room, cost)
                 held[0] = cost
+                held[1] = max(held[1] or 0, cost)
             return parse(raw)
 
         async def requests(context, held):
@@ -185,14 +231,14 @@ class RequestBytesInterceptor(grpc.aio.ServerInterceptor):
         source = stream if handler.request_streaming else one
         if not handler.response_streaming:
             async def behaviour(_, context):
-                held = [0]
+                held = [0, None]
                 try:
                     return await settled(inner(await source(context, held), context))
                 finally:
                     budget.give(held[0])
         else:
             async def behaviour(_, context):
-                held = [0]
+                held = [0, None]
                 try:
                     async for reply in relay(inner(await source(context, held), context)):
                         yield reply
