@@ -63,7 +63,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
         with self.recorder.prediction(request.model_name, principal) as outcome:
             try:
                 handler = self.models.get(request.model_name, request.model_version)
-                prediction = await handler.handle(request.input, deadline, principal)
+                with self.streams.call(principal):  # --max-calls-per-principal
+                    prediction = await handler.handle(request.input, deadline, principal)
             except asyncio.CancelledError:
                 outcome.code = "CANCELLED"
                 raise

@@ -388,3 +388,71 @@ def test_the_proxy_ends_a_silent_request_stream_after_the_idle_timeout(tmp_path)
     assert len(answered) == 1
     assert ended.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "(--stream-idle-timeout)" in ended.value.details()
+
+
+def calls_capped(stub, request, stopped, tokens, expected_refused: int):
+    """Send one call per token in `tokens` while `stopped` (the process they wait on) is
+    SIGSTOPped: the calls beyond each principal's cap are refused at once, the others wait
+    holding their slots. Returns each call's final code, in order, once it is resumed."""
+    stopped.popen.send_signal(signal.SIGSTOP)
+    try:
+        futures = [stub.Predictions.future(request, timeout=60, metadata=[
+            ("authorization", f"Bearer {token}")]) for token in tokens]
+        for _ in range(300):  # the refusals come back at once; 30 s at most
+            if sum(f.done() for f in futures) >= expected_refused:
+                break
+            time.sleep(0.1)
+        refused_first = sum(f.done() for f in futures)
+    finally:
+        stopped.popen.send_signal(signal.SIGCONT)
+    codes = [grpc.StatusCode.OK if f.exception() is None else f.exception().code()
+             for f in futures]
+    assert refused_first == expected_refused, codes
+    return codes
+
+
+def test_the_proxy_caps_each_principals_unary_calls_in_flight(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("hog:hog-secret\nhonest:honest-secret\n")
+    config = tmp_path / "proxy.yaml"
+    config.write_text(f"token_file: {tokens}\nmax_calls_per_principal: 2\npolicies:\n"
+                      "  default: {defense: reverse_sigmoid}\n")
+    upstream, upstream_address = start_upstream("torchserve")
+    proxy, address = start_proxy("torchserve", upstream_address, str(config))
+    sample = inference_pb2.PredictionsRequest(model_name="digits",
+                                              input={"data": npy(digits_samples(1)[0])})
+    channel = grpc.insecure_channel(address)
+    try:
+        codes = calls_capped(inference_pb2_grpc.InferenceAPIsServiceStub(channel), sample,
+                             upstream, ["hog-secret"] * 6 + ["honest-secret"],
+                             expected_refused=4)
+    finally:
+        channel.close()
+        proxy.stop()
+        upstream.stop()
+    # two of the hog's calls wait upstream, four are refused; the honest caller is not
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 4
+    assert codes[-1] == grpc.StatusCode.OK and codes.count(grpc.StatusCode.OK) == 3
+
+
+def test_the_model_server_caps_each_principals_unary_calls_in_flight(tmp_path):
+    trained_model()
+    tokens = tmp_path / "tokens"
+    tokens.write_text("hog:hog-secret\nhonest:honest-secret\n")
+    sidecar, sidecar_address = start_sidecar()
+    modelserver, address = start_modelserver(
+        sidecar_address, tmp_path / "store", "--token-file", str(tokens),
+        "--max-calls-per-principal", "2", "--sidecar-timeout", "50s")
+    try:
+        modelserver.wait_healthy(address, timeout=STARTUP_TIMEOUT)
+        client = TorchServeClient(address)
+        request = client.request("mnist", npy_bytes(mnist_test_images(1)))
+        # the calls wait on the stopped sidecar (after the forward pass), holding slots
+        codes = calls_capped(client.stub, request, sidecar, ["hog-secret"] * 5 +
+                             ["honest-secret"], expected_refused=3)
+        client.close()
+    finally:
+        modelserver.stop()
+        sidecar.stop()
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 3
+    assert codes[-1] == grpc.StatusCode.OK and codes.count(grpc.StatusCode.OK) == 3

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import contextmanager
 
 from stealguard.server.errors import Exhausted
 
@@ -72,7 +73,8 @@ class Slots:
 
 class StreamGuard:
     """What a request stream costs its principal, for every servicer that serves one: a
-    stream slot (`Slots`), one row of its limiter for opening it, and the idle timeout.
+    stream slot (`Slots`), one row of its limiter for opening it, and the idle timeout;
+    and a unary call's slot (`call`).
 
         await guard.open(principal)          # raises the refusal (Exhausted, Unavailable)
         try:
@@ -83,8 +85,23 @@ class StreamGuard:
 
     def __init__(self, slots: Slots | None = None, limiter=None, idle_timeout: float = 0.0):
         self.slots = slots if slots is not None and slots.max_streams else None
+        self.calls = slots if slots is not None and slots.max_calls else None
         self.limiter = limiter
         self.idle_timeout = idle_timeout
+
+    @contextmanager
+    def call(self, principal: str):
+        """A unary call's slot (`Slots.max_calls`) while it runs; SlotsExhausted at the cap.
+        For the front ends whose unary calls wait on a model or an upstream (the proxy,
+        the model server): one principal cannot hold every call in flight."""
+        if self.calls is None:
+            yield
+            return
+        self.calls.enter(principal, False)
+        try:
+            yield
+        finally:
+            self.calls.leave(principal, False)
 
     async def open(self, principal: str) -> None:
         """Take `principal`'s stream slot and charge the opening (STREAM_OPEN_ROWS)."""

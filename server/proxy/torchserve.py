@@ -62,8 +62,9 @@ class TorchServeProxy(ProxyServicer, inference_pb2_grpc.InferenceAPIsServiceServ
     @status.unary
     async def Predictions(self, request, context):
         policy = self.policy(request.model_name)
-        response = await self.upstream.unary(self.stub.Predictions, request, context)
-        return await self._protect(response, policy, request.model_name, context)
+        with self.streams.call(self.identity.of(context)):
+            response = await self.upstream.unary(self.stub.Predictions, request, context)
+            return await self._protect(response, policy, request.model_name, context)
 
     @status.streaming
     async def StreamPredictions(self, request, context):

@@ -58,7 +58,8 @@ class V2Proxy(ProxyServicer, v2_grpc.GRPCInferenceServiceServicer):
     @status.unary
     async def ModelInfer(self, request, context):
         policy = self.policy(request.model_name)
-        response = await self.upstream.unary(self.stub.ModelInfer, request, context)
-        await protect_outputs(response, policy, request.model_name,
-                              self.perturber(policy, context))
+        with self.streams.call(self.identity.of(context)):
+            response = await self.upstream.unary(self.stub.ModelInfer, request, context)
+            await protect_outputs(response, policy, request.model_name,
+                                  self.perturber(policy, context))
         return response
