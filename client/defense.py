@@ -88,13 +88,13 @@ def _channel_args(options: list[tuple[str, Any]] | None) -> list[tuple[str, Any]
 
 
 def _request(probs: np.ndarray, model: str, logits: bool, request_id: str,
-             principal: str = ""):
+             principal: str = "", charged: bool = False):
     array = np.asarray(probs)
     if array.dtype.kind != "f":
         array = array.astype(np.float64)
     return defense_pb2.PerturbRequest(
         probabilities=array_to_tensor(array), model=model, logits=logits,
-        request_id=request_id, principal=principal
+        request_id=request_id, principal=principal, charged=charged
     )
 
 
@@ -169,13 +169,14 @@ class DefenseClient(_Base):
 
     def perturb(self, probs: np.ndarray, model: str = "", logits: bool = False, *,
                 request_id: str = "", timeout: float | None = None,
-                principal: str = "") -> np.ndarray:
+                principal: str = "", charged: bool = False) -> np.ndarray:
         """The protected copy of `probs` (1-D or 2-D float); raises `SidecarError`.
 
         `timeout`: seconds for this call (default: the client's), e.g. what is left of the
         caller's own deadline. `principal`: the end client the rows are charged to (the
-        sidecar believes it only from a gateway token)."""
-        request = _request(probs, model, logits, request_id, principal)
+        sidecar believes it only from a gateway token); `charged`: this caller has charged
+        them to `principal` already, under limits of its own (believed likewise)."""
+        request = _request(probs, model, logits, request_id, principal, charged)
         seconds = self._timeout(timeout)
         deadline = time.monotonic() + seconds
         try:
@@ -239,10 +240,10 @@ class AsyncDefenseClient(_Base):
 
     async def perturb(self, probs: np.ndarray, model: str = "", logits: bool = False, *,
                       request_id: str = "", timeout: float | None = None,
-                      principal: str = "") -> np.ndarray:
-        """The protected copy of `probs`; raises `SidecarError` (`timeout` and
-        `principal` as the sync one)."""
-        request = _request(probs, model, logits, request_id, principal)
+                      principal: str = "", charged: bool = False) -> np.ndarray:
+        """The protected copy of `probs`; raises `SidecarError` (`timeout`, `principal`
+        and `charged` as the sync one)."""
+        request = _request(probs, model, logits, request_id, principal, charged)
         seconds = self._timeout(timeout)
         deadline = time.monotonic() + seconds
         try:

@@ -78,18 +78,20 @@ def _check(on_error: str) -> None:
 
 def protect(client: DefenseClient, probs: np.ndarray, model: str = "", logits: bool = False,
             *, fail_open: bool = False, on_error: str = "labels",
-            timeout: float | None = None, principal: str = "") -> np.ndarray:
+            timeout: float | None = None, principal: str = "",
+            charged: bool = False) -> np.ndarray:
     """The sidecar's protection of `probs`, failing closed (see module docstring).
 
     Raises `SidecarError` (INVALID_ARGUMENT) for invalid rows, in every mode.
     With `logits=True` the fallback's top-1 is taken from the logits, which is the same.
     `timeout`: seconds for this call (default: the client's); none left fails closed.
-    `principal`: the end client to charge (believed from a gateway token only).
+    `principal`: the end client to charge (believed from a gateway token only);
+    `charged`: this caller has charged it already, under limits of its own.
     """
     _check(on_error)
     try:
         return client.perturb(probs, model=model, logits=logits, timeout=timeout,
-                              principal=principal)
+                              principal=principal, charged=charged)
     except Exception as error:  # noqa: BLE001 - whatever broke, fail closed
         return _fallback(_as_sidecar_error(error), probs, model, fail_open, on_error)
 
@@ -97,11 +99,11 @@ def protect(client: DefenseClient, probs: np.ndarray, model: str = "", logits: b
 async def protect_async(client: AsyncDefenseClient, probs: np.ndarray, model: str = "",
                         logits: bool = False, *, fail_open: bool = False,
                         on_error: str = "labels", timeout: float | None = None,
-                        principal: str = "") -> np.ndarray:
+                        principal: str = "", charged: bool = False) -> np.ndarray:
     """`protect` for asyncio model servers."""
     _check(on_error)
     try:
         return await client.perturb(probs, model=model, logits=logits, timeout=timeout,
-                                    principal=principal)
+                                    principal=principal, charged=charged)
     except Exception as error:  # noqa: BLE001 - whatever broke, fail closed
         return _fallback(_as_sidecar_error(error), probs, model, fail_open, on_error)

@@ -96,7 +96,9 @@ class Handler:
         """The sidecar's perturbation of `probs`, failing closed; identity for policy none.
 
         `principal` is the end client, sent with the rows: a sidecar that meters charges
-        it there when the model server's sidecar token is marked as a gateway.
+        it there when the model server's sidecar token is marked as a gateway. When the
+        model server meters too (its core has a limiter), the rows are sent as charged
+        already, so that sidecar does not charge them a second time.
 
         `deadline` is the caller's, in `time.monotonic()` seconds: the sidecar gets
         min(its timeout, the time left), so the model server never waits for the sidecar
@@ -111,7 +113,8 @@ class Handler:
         try:
             return await protect_async(self.sidecar, probs, model=self.spec.policy,
                                        on_error="raise", timeout=budget,
-                                       principal=principal)
+                                       principal=principal,
+                                       charged=self.core.limiter is not None)
         except SidecarError as error:
             code, reason = error.code.name, str(error)
         log.warning("sidecar failed (%s) for model %r: answering label-only", reason,

@@ -153,8 +153,13 @@ class ProtectCore:
         return self.policies.resolve(name)
 
     async def protect(self, rows: np.ndarray, policy: str | Policy = "",
-                      principal: str = ANONYMOUS, *, logits: bool = False) -> Answer:
+                      principal: str = ANONYMOUS, *, logits: bool = False,
+                      charged: bool = False) -> Answer:
         """Protect the 2-D `rows` with the policy named `policy` for `principal`.
+
+        `charged`: a trusted front end before this one has charged the rows to `principal`
+        under its own limits (the model server's sidecar call): the limiter is skipped,
+        so a query is charged once. The front end decides whom to believe.
 
         `policy` may also be a `Policy` the front end resolved itself (the model server's
         handler, bound to the caller's deadline). Raises `Unavailable`, `NotFound`,
@@ -174,7 +179,7 @@ class ProtectCore:
             if self.max_rows is not None and len(rows) > self.max_rows:
                 raise Exhausted(f"{len(rows)} rows: at most {self.max_rows} per request; "
                                 "split the batch")
-            if self.limiter is not None:
+            if self.limiter is not None and not charged:
                 try:
                     await self.limiter.admit(principal, len(rows))
                 except Exhausted:

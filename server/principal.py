@@ -36,10 +36,16 @@ class Caller:
     asserted: str | None = None  # the client header's value
 
 
+def speaks_for_others(caller: Caller, trust_client_header: bool = False) -> bool:
+    """Whether `caller` may name the end client it is charged as (and say it has charged
+    it already): a gateway token, or anyone with --trust-client-header."""
+    return trust_client_header or bool(caller.token_name and caller.gateway)
+
+
 def principal_of(caller: Caller, trust_client_header: bool = False) -> str:
     """The principal `caller` is charged as (see the module docstring)."""
     asserted = (caller.asserted or "").strip()[:MAX_NAME]
-    if asserted and (trust_client_header or (caller.token_name and caller.gateway)):
+    if asserted and speaks_for_others(caller, trust_client_header):
         return asserted
     if caller.token_name:
         return caller.token_name

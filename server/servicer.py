@@ -56,15 +56,16 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
             task.cancel()
         return len(tasks)
 
-    async def perturb(self, request: defense_pb2.PerturbRequest,
-                      principal: str) -> defense_pb2.PerturbResponse:
-        """Protect one request's probabilities (raises domain errors)."""
+    async def perturb(self, request: defense_pb2.PerturbRequest, principal: str,
+                      charged: bool = False) -> defense_pb2.PerturbResponse:
+        """Protect one request's probabilities (raises domain errors); `charged`: the
+        caller, believed, has charged them already."""
         if self.core.unavailable is not None:  # before decoding: nothing to do while so
             raise Unavailable(self.core.unavailable)
         tensor = request.probabilities
         values, rows, classes = tensor_to_flat(tensor)
         answer = await self.core.protect(values.reshape(rows, classes), request.model,
-                                         principal, logits=request.logits)
+                                         principal, logits=request.logits, charged=charged)
         response = defense_pb2.PerturbResponse(policy=answer.policy,
                                                request_id=request.request_id)
         write_tensor(response.probabilities, answer.rows.reshape(-1), tensor.shape)
@@ -84,6 +85,10 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
             return ANONYMOUS
         return self.identity.end_principal(caller, request.principal)
 
+    def _charged(self, caller, request) -> bool:
+        """The request says its rows are charged already, and its caller is believed."""
+        return request.charged and self.identity.speaks_for_others(caller)
+
     def _count(self, method: str, policy: str, code: grpc.StatusCode) -> None:
         if self.with_metrics:
             metrics.REQUESTS.labels(method, policy, code.name).inc()
@@ -92,11 +97,13 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
         self.in_flight += 1
         principal = None
         try:
-            principal = self._principal_of(self._caller(context), request)
+            caller = self._caller(context)
+            principal = self._principal_of(caller, request)
             if self.slots is not None:
                 self.slots.enter(principal, False)
             try:
-                response = await self.perturb(request, principal)
+                response = await self.perturb(request, principal,
+                                              self._charged(caller, request))
             finally:
                 if self.slots is not None:
                     self.slots.leave(principal, False)
@@ -174,7 +181,8 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
                 try:
                     principal = opener if not request.principal else \
                         self._principal_of(caller, request)
-                    response = await self.perturb(request, principal)
+                    response = await self.perturb(request, principal,
+                                                  self._charged(caller, request))
                 except Exception as error:  # noqa: BLE001
                     status = grpc_status(error, prefix=f"stream message {index}: ")
                     self._count("PerturbStream", "-", status.code)

@@ -456,3 +456,42 @@ def test_the_model_server_caps_each_principals_unary_calls_in_flight(tmp_path):
         sidecar.stop()
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 3
     assert codes[-1] == grpc.StatusCode.OK and codes.count(grpc.StatusCode.OK) == 3
+
+
+def test_limits_on_both_the_model_server_and_its_sidecar_charge_a_query_once(valkey, tmp_path):
+    trained_model()
+    sidecar_tokens = tmp_path / "sidecar-tokens"
+    sidecar_tokens.write_text("modelserver:ms-secret:gateway\nplain:plain-secret\n")
+    token = tmp_path / "token"
+    token.write_text("ms-secret\n")
+    client_tokens = tmp_path / "client-tokens"
+    client_tokens.write_text("alice:alice-secret\n")
+    sidecar, sidecar_address = start_sidecar(
+        *metered(valkey, "--quota", "1000/1d", "--token-file", str(sidecar_tokens)))
+    modelserver, address = start_modelserver(
+        sidecar_address, tmp_path / "store", *metered(valkey, "--quota", "1000/1d"),
+        "--token-file", str(client_tokens), "--sidecar-token-file", str(token))
+    try:
+        modelserver.wait_healthy(address, timeout=STARTUP_TIMEOUT)
+        client = TorchServeClient(address)
+        batch = npy_bytes(mnist_test_images(3))
+        for _ in range(2):
+            client.stub.Predictions(client.request("mnist", batch), timeout=30,
+                                    metadata=[("authorization", "Bearer alice-secret")])
+        client.close()
+        # a caller that is not a gateway cannot skip the charge by saying so
+        rows = np.full((4, 10), 0.1, np.float32)
+        with grpc.insecure_channel(sidecar_address) as channel:
+            defense_pb2_grpc.DefenseStub(channel).Perturb(
+                defense_pb2.PerturbRequest(probabilities=array_to_tensor(rows), charged=True,
+                                           principal="alice"),
+                timeout=30, metadata=[("authorization", "Bearer plain-secret")])
+    finally:
+        modelserver.stop()
+        sidecar.stop()
+    usage = subprocess.run([script("stealguard-sidecar"), "usage", "--store", valkey.url,
+                            "--format", "json"], capture_output=True, text=True, timeout=60)
+    # alice's 6 images charged once, by the model server; the sidecar charged the model
+    # server's one row for opening its stream and the plain caller its own 4 rows
+    assert {u["principal"]: u["rows"] for u in json.loads(usage.stdout)} == \
+        {"alice": 6, "modelserver": 1, "plain": 4}

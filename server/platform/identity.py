@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 
 from stealguard.server.errors import Unauthenticated
 from stealguard.server.platform.credentials import Tokens
-from stealguard.server.principal import Caller, principal_of
+from stealguard.server.principal import Caller, principal_of, speaks_for_others
 
 UNAUTHENTICATED_MESSAGE = ("missing or wrong bearer token: send metadata "
                            "'authorization: Bearer <token>' with a token from the server's "
@@ -76,6 +76,10 @@ class Identity:
     def of(self, context) -> str:
         """The principal of a gRPC call."""
         return principal_of(self.caller(context), self.trust_client_header)
+
+    def speaks_for_others(self, caller: Caller | None) -> bool:
+        """Whether `caller` is believed when it names its end client (`speaks_for_others`)."""
+        return caller is not None and speaks_for_others(caller, self.trust_client_header)
 
     def end_principal(self, caller: Caller, asserted: str) -> str:
         """The principal of one message that names its end client `asserted` (a gateway's

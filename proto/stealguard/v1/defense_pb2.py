@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bstealguard/v1/defense.proto\x12\rstealguard.v1\x1a\x17google/rpc/status.proto\"J\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.stealguard.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xa2\x01\n\x0ePerturbRequest\x12,\n\rprobabilities\x18\x01 \x01(\x0b\x32\x15.stealguard.v1.Tensor\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06logits\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x1c\n\x14keep_stream_on_error\x18\x05 \x01(\x08\x12\x11\n\tprincipal\x18\x06 \x01(\t\"\x86\x01\n\x0fPerturbResponse\x12,\n\rprobabilities\x18\x01 \x01(\x0b\x32\x15.stealguard.v1.Tensor\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\"\x15\n\x13ListPoliciesRequest\"\x89\x01\n\x06Policy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65\x66\x65nse\x18\x02 \x01(\t\x12\x31\n\x06params\x18\x03 \x03(\x0b\x32!.stealguard.v1.Policy.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"?\n\x14ListPoliciesResponse\x12\'\n\x08policies\x18\x01 \x03(\x0b\x32\x15.stealguard.v1.Policy*8\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x32\x80\x02\n\x07\x44\x65\x66\x65nse\x12H\n\x07Perturb\x12\x1d.stealguard.v1.PerturbRequest\x1a\x1e.stealguard.v1.PerturbResponse\x12R\n\rPerturbStream\x12\x1d.stealguard.v1.PerturbRequest\x1a\x1e.stealguard.v1.PerturbResponse(\x01\x30\x01\x12W\n\x0cListPolicies\x12\".stealguard.v1.ListPoliciesRequest\x1a#.stealguard.v1.ListPoliciesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bstealguard/v1/defense.proto\x12\rstealguard.v1\x1a\x17google/rpc/status.proto\"J\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.stealguard.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xb3\x01\n\x0ePerturbRequest\x12,\n\rprobabilities\x18\x01 \x01(\x0b\x32\x15.stealguard.v1.Tensor\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06logits\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x1c\n\x14keep_stream_on_error\x18\x05 \x01(\x08\x12\x11\n\tprincipal\x18\x06 \x01(\t\x12\x0f\n\x07\x63harged\x18\x07 \x01(\x08\"\x86\x01\n\x0fPerturbResponse\x12,\n\rprobabilities\x18\x01 \x01(\x0b\x32\x15.stealguard.v1.Tensor\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\"\x15\n\x13ListPoliciesRequest\"\x89\x01\n\x06Policy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65\x66\x65nse\x18\x02 \x01(\t\x12\x31\n\x06params\x18\x03 \x03(\x0b\x32!.stealguard.v1.Policy.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"?\n\x14ListPoliciesResponse\x12\'\n\x08policies\x18\x01 \x03(\x0b\x32\x15.stealguard.v1.Policy*8\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x32\x80\x02\n\x07\x44\x65\x66\x65nse\x12H\n\x07Perturb\x12\x1d.stealguard.v1.PerturbRequest\x1a\x1e.stealguard.v1.PerturbResponse\x12R\n\rPerturbStream\x12\x1d.stealguard.v1.PerturbRequest\x1a\x1e.stealguard.v1.PerturbResponse(\x01\x30\x01\x12W\n\x0cListPolicies\x12\".stealguard.v1.ListPoliciesRequest\x1a#.stealguard.v1.ListPoliciesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,22 +34,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_POLICY_PARAMSENTRY']._loaded_options = None
   _globals['_POLICY_PARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=677
-  _globals['_DTYPE']._serialized_end=733
+  _globals['_DTYPE']._serialized_start=694
+  _globals['_DTYPE']._serialized_end=750
   _globals['_TENSOR']._serialized_start=71
   _globals['_TENSOR']._serialized_end=145
   _globals['_PERTURBREQUEST']._serialized_start=148
-  _globals['_PERTURBREQUEST']._serialized_end=310
-  _globals['_PERTURBRESPONSE']._serialized_start=313
-  _globals['_PERTURBRESPONSE']._serialized_end=447
-  _globals['_LISTPOLICIESREQUEST']._serialized_start=449
-  _globals['_LISTPOLICIESREQUEST']._serialized_end=470
-  _globals['_POLICY']._serialized_start=473
-  _globals['_POLICY']._serialized_end=610
-  _globals['_POLICY_PARAMSENTRY']._serialized_start=565
-  _globals['_POLICY_PARAMSENTRY']._serialized_end=610
-  _globals['_LISTPOLICIESRESPONSE']._serialized_start=612
-  _globals['_LISTPOLICIESRESPONSE']._serialized_end=675
-  _globals['_DEFENSE']._serialized_start=736
-  _globals['_DEFENSE']._serialized_end=992
+  _globals['_PERTURBREQUEST']._serialized_end=327
+  _globals['_PERTURBRESPONSE']._serialized_start=330
+  _globals['_PERTURBRESPONSE']._serialized_end=464
+  _globals['_LISTPOLICIESREQUEST']._serialized_start=466
+  _globals['_LISTPOLICIESREQUEST']._serialized_end=487
+  _globals['_POLICY']._serialized_start=490
+  _globals['_POLICY']._serialized_end=627
+  _globals['_POLICY_PARAMSENTRY']._serialized_start=582
+  _globals['_POLICY_PARAMSENTRY']._serialized_end=627
+  _globals['_LISTPOLICIESRESPONSE']._serialized_start=629
+  _globals['_LISTPOLICIESRESPONSE']._serialized_end=692
+  _globals['_DEFENSE']._serialized_start=753
+  _globals['_DEFENSE']._serialized_end=1009
 # @@protoc_insertion_point(module_scope)

@@ -28,20 +28,22 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PerturbRequest(_message.Message):
-    __slots__ = ("probabilities", "model", "logits", "request_id", "keep_stream_on_error", "principal")
+    __slots__ = ("probabilities", "model", "logits", "request_id", "keep_stream_on_error", "principal", "charged")
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KEEP_STREAM_ON_ERROR_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    CHARGED_FIELD_NUMBER: _ClassVar[int]
     probabilities: Tensor
     model: str
     logits: bool
     request_id: str
     keep_stream_on_error: bool
     principal: str
-    def __init__(self, probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., model: _Optional[str] = ..., logits: bool = ..., request_id: _Optional[str] = ..., keep_stream_on_error: bool = ..., principal: _Optional[str] = ...) -> None: ...
+    charged: bool
+    def __init__(self, probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., model: _Optional[str] = ..., logits: bool = ..., request_id: _Optional[str] = ..., keep_stream_on_error: bool = ..., principal: _Optional[str] = ..., charged: bool = ...) -> None: ...
 
 class PerturbResponse(_message.Message):
     __slots__ = ("probabilities", "policy", "request_id", "error")
