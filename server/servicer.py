@@ -71,10 +71,20 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
         write_tensor(response.probabilities, answer.rows.reshape(-1), tensor.shape)
         return response
 
-    def _caller(self, context):
+    def _calls_capped(self) -> bool:
+        """Whether a `Perturb` takes a per-principal call slot. Only a limiter can suspend
+        one (its store round trip): without one a call runs from start to end without
+        yielding, so its principal never has another in flight and the cap cannot bite;
+        the slot and the caller's identification are then skipped (measured: bench/parity.py)."""
+        return self.slots is not None and bool(self.slots.max_calls) and \
+            self.core.limiter is not None
+
+    def _caller(self, context, stream: bool = False):
         """What is known of the caller, when a limiter, an observer or a slot cap will look
         at its principal; else None (the principal is then ANONYMOUS)."""
-        if self.core.needs_principal or self.slots is not None:
+        capped = self.slots is not None and bool(self.slots.max_streams) if stream else \
+            self._calls_capped()
+        if self.core.needs_principal or capped:
             return self.identity.caller(context)
         return None
 
@@ -99,13 +109,14 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
         try:
             caller = self._caller(context)
             principal = self._principal_of(caller, request)
-            if self.slots is not None:
+            capped = self._calls_capped()
+            if capped:
                 self.slots.enter(principal, False)
             try:
                 response = await self.perturb(request, principal,
                                               self._charged(caller, request))
             finally:
-                if self.slots is not None:
+                if capped:
                     self.slots.leave(principal, False)
         except Exception as error:  # noqa: BLE001 - every error becomes a status
             status = grpc_status(error)
@@ -129,7 +140,7 @@ class DefenseServicer(defense_pb2_grpc.DefenseServicer):
     async def _open_stream(self, context):
         """The caller of a new request stream and its principal, its slot taken and its
         opening charged (`StreamGuard`), or the call ended with the refusal."""
-        caller = self._caller(context)
+        caller = self._caller(context, stream=True)
         if caller is None:
             return None, ANONYMOUS
         principal = self.identity.end_principal(caller, "")
