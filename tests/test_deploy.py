@@ -187,18 +187,19 @@ def manifests() -> dict[str, dict]:
     docs = {}
     for name in kustomization["resources"]:
         for doc in yaml.safe_load_all((DEPLOY / "kubernetes" / name).read_text()):
-            docs[doc["kind"]] = doc
+            docs[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
     return docs
 
 
 def test_kubernetes_manifests_parse_into_the_expected_objects(manifests):
-    assert set(manifests) == {"ConfigMap", "Deployment", "Service", "NetworkPolicy"}
+    assert {k.split("/")[0] for k in manifests} == {
+        "ConfigMap", "Deployment", "Service", "NetworkPolicy", "Secret", "StatefulSet"}
     for doc in manifests.values():
         assert doc["apiVersion"] and doc["metadata"]["name"]
 
 
 def test_sidecar_is_a_second_container_reached_on_localhost(manifests):
-    deployment = manifests["Deployment"]
+    deployment = manifests["Deployment/stealguard-modelserver"]
     assert deployment["spec"]["replicas"] >= 2
     pod = deployment["spec"]["template"]
     assert deployment["spec"]["selector"]["matchLabels"] == pod["metadata"]["labels"]
@@ -214,7 +215,7 @@ def test_sidecar_is_a_second_container_reached_on_localhost(manifests):
 
 
 def test_kubernetes_ports_and_probes_agree_with_the_images(manifests):
-    pod = manifests["Deployment"]["spec"]["template"]["spec"]
+    pod = manifests["Deployment/stealguard-modelserver"]["spec"]["template"]["spec"]
     containers = {c["name"]: c for c in pod["containers"]}
     sidecar, modelserver = containers["sidecar"], containers["modelserver"]
     assert [p["containerPort"] for p in sidecar["ports"]] == [SIDECAR_PORT]
@@ -226,18 +227,20 @@ def test_kubernetes_ports_and_probes_agree_with_the_images(manifests):
     for probe in ("readinessProbe", "startupProbe"):
         assert modelserver[probe]["grpc"] == {"port": MODELSERVER_PORT}
     config_path = sidecar["args"][sidecar["args"].index("--config") + 1]
-    (mount,) = sidecar["volumeMounts"]
+    (mount,) = [m for m in sidecar["volumeMounts"] if m["name"] == "sidecar-config"]
     assert config_path.startswith(mount["mountPath"] + "/")
-    config = yaml.safe_load(manifests["ConfigMap"]["data"][Path(config_path).name])
+    data = manifests["ConfigMap/stealguard-sidecar"]["data"]
+    config = yaml.safe_load(data[Path(config_path).name])
     assert config["policies"]["default"]["defense"] == "coarse_confidence"
 
 
 def test_service_and_network_policy_expose_only_the_model_server(manifests):
-    labels = manifests["Deployment"]["spec"]["template"]["metadata"]["labels"]
-    service = manifests["Service"]["spec"]
+    pod = manifests["Deployment/stealguard-modelserver"]["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    service = manifests["Service/stealguard-modelserver"]["spec"]
     assert service["selector"] == labels
     assert [(p["port"], p["targetPort"]) for p in service["ports"]] == [(MODELSERVER_PORT, "grpc")]
-    policy = manifests["NetworkPolicy"]["spec"]
+    policy = manifests["NetworkPolicy/stealguard-modelserver"]["spec"]
     assert policy["podSelector"]["matchLabels"] == labels
     assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == [MODELSERVER_PORT]
 
@@ -369,6 +372,59 @@ def test_check_report_fails_when_rounding_loses_labels(tmp_path):
     assert "label_kept_round2 is 0.1000" in done.stderr
 
 
+def test_every_replica_meters_in_the_one_store_with_the_shared_secrets(manifests, tmp_path):
+    from stealguard.client.defense import read_token_file
+    from stealguard.server.config import load_config
+    from stealguard.server.metering.settings import check_metering, limits_of
+    from stealguard.server.platform.credentials import Tokens
+
+    pod = manifests["Deployment/stealguard-modelserver"]["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    sidecar, modelserver = containers["sidecar"], containers["modelserver"]
+    secret = manifests["Secret/stealguard-secrets"]["stringData"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["secrets"]["secret"]["secretName"] == "stealguard-secrets"
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+
+    def secret_file(container, flag, args_key):
+        args = container[args_key]
+        path = Path(args[args.index(flag) + 1])
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "secrets"]
+        assert str(path.parent) == mount["mountPath"]
+        local = tmp_path / path.name
+        local.write_text(secret[path.name])
+        return local
+
+    # the sidecar believes the model server's token as a gateway's: end clients are charged
+    tokens = Tokens.from_file(str(secret_file(sidecar, "--token-file", "args")))
+    token = read_token_file(secret_file(modelserver, "--sidecar-token-file", "command"),
+                            "--sidecar-token-file")
+    assert tokens.client_of(f"Bearer {token}") == "modelserver"
+    assert "modelserver" in tokens.gateways
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in sidecar["env"]}
+    assert {ref["name"] for ref in env.values()} == {"stealguard-secrets"}
+    assert all(ref["key"] in secret for ref in env.values())
+    # one store for every replica: the URL names the store's Service and port, and the
+    # store's password is the one the sidecars are given
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(manifests["ConfigMap/stealguard-sidecar"]["data"]["sidecar.yaml"])
+    config = load_config(path, env={})
+    check_metering(config, workers=1)
+    assert limits_of(config).active
+    service = manifests["Service/stealguard-store"]
+    host, port = config.store.removeprefix("redis://").split("/")[0].split(":")
+    assert host == service["metadata"]["name"] and int(port) == service["spec"]["ports"][0]["port"]
+    store = manifests["StatefulSet/stealguard-store"]["spec"]
+    assert service["spec"]["selector"] == store["template"]["metadata"]["labels"]
+    (valkey,) = store["template"]["spec"]["containers"]
+    (password,) = valkey["env"]
+    assert password["valueFrom"]["secretKeyRef"] == env["STEALGUARD_STORE_PASSWORD"]
+    assert f"$({password['name']})" in valkey["args"] and "--appendonly" in valkey["args"]
+    ingress = manifests["NetworkPolicy/stealguard-store"]["spec"]["ingress"]
+    assert ingress[0]["from"][0]["podSelector"]["matchLabels"] == \
+        manifests["Deployment/stealguard-modelserver"]["spec"]["template"]["metadata"]["labels"]
+
+
 # --- the commands in the files are ones the programs accept ---------------------------------
 
 def test_compose_and_kubernetes_commands_parse_with_the_programs_own_parsers(compose, manifests):
@@ -380,7 +436,7 @@ def test_compose_and_kubernetes_commands_parse_with_the_programs_own_parsers(com
 
     services = compose["services"]
     sidecar_parser().parse_args(services["sidecar"]["command"])
-    pod = manifests["Deployment"]["spec"]["template"]["spec"]
+    pod = manifests["Deployment/stealguard-modelserver"]["spec"]["template"]["spec"]
     containers = {c["name"]: c for c in pod["containers"]}
     sidecar_parser().parse_args(containers["sidecar"]["args"])
     for command in (services["modelserver"]["command"], containers["modelserver"]["command"]):
@@ -398,7 +454,7 @@ def test_kubernetes_sidecar_config_builds_its_policies(manifests, tmp_path):
     from stealguard.server.policies import PolicySet
 
     path = tmp_path / "sidecar.yaml"
-    path.write_text(manifests["ConfigMap"]["data"]["sidecar.yaml"])
+    path.write_text(manifests["ConfigMap/stealguard-sidecar"]["data"]["sidecar.yaml"])
     config = load_config(path, env={})
     assert config.listen == f"0.0.0.0:{SIDECAR_PORT}"
     policies = PolicySet.from_config(config.policies, b"test-secret")
