@@ -221,19 +221,35 @@ def test_an_idle_stream_hog_cannot_starve_honest_callers(tmp_path):
     assert refused == 96  # all but the hog's 4
 
 
-def test_the_model_server_forwards_each_end_client_to_be_charged_once(valkey, tmp_path):
+def rows_charged(valkey) -> dict[str, int]:
+    """Rows per principal in the store, as `stealguard-sidecar usage` reads them."""
+    usage = subprocess.run([script("stealguard-sidecar"), "usage", "--store", valkey.url,
+                            "--format", "json"], capture_output=True, text=True, timeout=60)
+    return {u["principal"]: u["rows"] for u in json.loads(usage.stdout)}
+
+
+def gateway_stack(valkey, tmp_path, clients: str, *modelserver_flags: str,
+                  sidecar_tokens: str = ""):
+    """A metered sidecar (quota in `valkey`) whose token file marks the model server's
+    token as a gateway's, and a model server whose end clients have the `clients` tokens."""
     trained_model()
-    sidecar_tokens = tmp_path / "sidecar-tokens"
-    sidecar_tokens.write_text("modelserver:ms-secret:gateway\n")
+    tokens = tmp_path / "sidecar-tokens"
+    tokens.write_text("modelserver:ms-secret:gateway\n" + sidecar_tokens)
     token = tmp_path / "token"
     token.write_text("ms-secret\n")
     client_tokens = tmp_path / "client-tokens"
-    client_tokens.write_text("alice:alice-secret\nbob:bob-secret\n")
+    client_tokens.write_text(clients)
     sidecar, sidecar_address = start_sidecar(
-        *metered(valkey, "--quota", "1000/1d", "--token-file", str(sidecar_tokens)))
+        *metered(valkey, "--quota", "1000/1d", "--token-file", str(tokens)))
     modelserver, address = start_modelserver(
         sidecar_address, tmp_path / "store", "--token-file", str(client_tokens),
-        "--sidecar-token-file", str(token), "--metrics-port", "0")
+        "--sidecar-token-file", str(token), *modelserver_flags)
+    return sidecar, sidecar_address, modelserver, address
+
+
+def test_the_model_server_forwards_each_end_client_to_be_charged_once(valkey, tmp_path):
+    sidecar, _, modelserver, address = gateway_stack(
+        valkey, tmp_path, "alice:alice-secret\nbob:bob-secret\n", "--metrics-port", "0")
     try:
         modelserver.wait_healthy(address, timeout=STARTUP_TIMEOUT)
         client = TorchServeClient(address)
@@ -247,12 +263,10 @@ def test_the_model_server_forwards_each_end_client_to_be_charged_once(valkey, tm
     finally:
         modelserver.stop()
         sidecar.stop()
-    usage = subprocess.run([script("stealguard-sidecar"), "usage", "--store", valkey.url,
-                            "--format", "json"], capture_output=True, text=True, timeout=60)
+    usage = rows_charged(valkey)
     # 3 images a call: alice 2 calls, bob 1 (a plain token's x-client-id is ignored); the
     # model server pays the one row of opening its shared stream
-    assert {u["principal"]: u["rows"] for u in json.loads(usage.stdout)} == \
-        {"alice": 6, "bob": 3, "modelserver": 1}
+    assert usage == {"alice": 6, "bob": 3, "modelserver": 1}
 
 
 def test_a_silent_request_stream_is_ended_after_the_idle_timeout():
@@ -318,10 +332,7 @@ def test_the_proxy_meters_one_principal_and_caps_an_idle_stream_hog(tmp_path):
     config.write_text(f"token_file: {tokens}\nrate_limit: 0.01\nrate_burst: 5\n"
                       "max_streams_per_principal: 2\nmax_in_flight: 32\npolicies:\n"
                       "  default: {defense: reverse_sigmoid}\n")
-    upstream, upstream_address = start_upstream("torchserve")
-    proxy, address = start_proxy("torchserve", upstream_address, str(config))
-    sample = inference_pb2.PredictionsRequest(model_name="digits",
-                                              input={"data": npy(digits_samples(1)[0])})
+    upstream, proxy, address, sample = proxied(config)
     channel = grpc.insecure_channel(address)
     stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
     release = threading.Event()
@@ -363,10 +374,7 @@ def test_the_proxy_ends_a_silent_request_stream_after_the_idle_timeout(tmp_path)
     config = tmp_path / "proxy.yaml"
     config.write_text("stream_idle_timeout: 0.5\npolicies:\n"
                       "  default: {defense: reverse_sigmoid}\n")
-    upstream, upstream_address = start_upstream("torchserve")
-    proxy, address = start_proxy("torchserve", upstream_address, str(config))
-    sample = inference_pb2.PredictionsRequest(model_name="digits",
-                                              input={"data": npy(digits_samples(1)[0])})
+    upstream, proxy, address, sample = proxied(config)
     release = threading.Event()
 
     def one_then_silence():
@@ -388,6 +396,16 @@ def test_the_proxy_ends_a_silent_request_stream_after_the_idle_timeout(tmp_path)
     assert len(answered) == 1
     assert ended.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "(--stream-idle-timeout)" in ended.value.details()
+
+
+def proxied(config):
+    """A TorchServe-protocol upstream, the proxy in front of it with `config`, and a digits
+    sample to ask it about."""
+    upstream, upstream_address = start_upstream("torchserve")
+    proxy, address = start_proxy("torchserve", upstream_address, str(config))
+    sample = inference_pb2.PredictionsRequest(model_name="digits",
+                                              input={"data": npy(digits_samples(1)[0])})
+    return upstream, proxy, address, sample
 
 
 def calls_capped(stub, request, stopped, tokens, expected_refused: int):
@@ -417,10 +435,7 @@ def test_the_proxy_caps_each_principals_unary_calls_in_flight(tmp_path):
     config = tmp_path / "proxy.yaml"
     config.write_text(f"token_file: {tokens}\nmax_calls_per_principal: 2\npolicies:\n"
                       "  default: {defense: reverse_sigmoid}\n")
-    upstream, upstream_address = start_upstream("torchserve")
-    proxy, address = start_proxy("torchserve", upstream_address, str(config))
-    sample = inference_pb2.PredictionsRequest(model_name="digits",
-                                              input={"data": npy(digits_samples(1)[0])})
+    upstream, proxy, address, sample = proxied(config)
     channel = grpc.insecure_channel(address)
     try:
         codes = calls_capped(inference_pb2_grpc.InferenceAPIsServiceStub(channel), sample,
@@ -459,18 +474,9 @@ def test_the_model_server_caps_each_principals_unary_calls_in_flight(tmp_path):
 
 
 def test_limits_on_both_the_model_server_and_its_sidecar_charge_a_query_once(valkey, tmp_path):
-    trained_model()
-    sidecar_tokens = tmp_path / "sidecar-tokens"
-    sidecar_tokens.write_text("modelserver:ms-secret:gateway\nplain:plain-secret\n")
-    token = tmp_path / "token"
-    token.write_text("ms-secret\n")
-    client_tokens = tmp_path / "client-tokens"
-    client_tokens.write_text("alice:alice-secret\n")
-    sidecar, sidecar_address = start_sidecar(
-        *metered(valkey, "--quota", "1000/1d", "--token-file", str(sidecar_tokens)))
-    modelserver, address = start_modelserver(
-        sidecar_address, tmp_path / "store", *metered(valkey, "--quota", "1000/1d"),
-        "--token-file", str(client_tokens), "--sidecar-token-file", str(token))
+    sidecar, sidecar_address, modelserver, address = gateway_stack(
+        valkey, tmp_path, "alice:alice-secret\n", *metered(valkey, "--quota", "1000/1d"),
+        sidecar_tokens="plain:plain-secret\n")
     try:
         modelserver.wait_healthy(address, timeout=STARTUP_TIMEOUT)
         client = TorchServeClient(address)
@@ -489,9 +495,7 @@ def test_limits_on_both_the_model_server_and_its_sidecar_charge_a_query_once(val
     finally:
         modelserver.stop()
         sidecar.stop()
-    usage = subprocess.run([script("stealguard-sidecar"), "usage", "--store", valkey.url,
-                            "--format", "json"], capture_output=True, text=True, timeout=60)
+    usage = rows_charged(valkey)
     # alice's 6 images charged once, by the model server; the sidecar charged the model
     # server's one row for opening its stream and the plain caller its own 4 rows
-    assert {u["principal"]: u["rows"] for u in json.loads(usage.stdout)} == \
-        {"alice": 6, "modelserver": 1, "plain": 4}
+    assert usage == {"alice": 6, "modelserver": 1, "plain": 4}
