@@ -233,7 +233,7 @@ def cmd_experiment(args) -> int:
 
 
 def cmd_contract(args) -> int:
-    from stealguard.attacks import contract, experiment
+    from stealguard.attacks import contract
     from stealguard.modelserver.datasets import load_dataset
 
     started = time.perf_counter()
@@ -244,10 +244,13 @@ def cmd_contract(args) -> int:
     if unknown:
         raise UsageError(f"--budgets: {unknown[0]} is not a budget of this profile "
                          f"({', '.join(map(str, profile.budgets))})")
-    model, info = experiment.base_model(args.dataset, seed=args.seed, log=log)
-    if not args.render_only:
-        contract.run_contract(ds, model, args.out, profile, args.budgets,
-                              frontier=not args.no_frontier, log=log)
+    try:
+        model, info = contract.victim_model(args.dataset, args.out, seed=args.seed, log=log)
+        if not args.render_only:
+            contract.run_contract(ds, model, args.out, profile, args.budgets,
+                                  frontier=not args.no_frontier, log=log)
+    except contract.VictimMismatch as e:
+        raise UsageError(f"--out: {e}") from None
     meta = {**_meta(args, started), "dataset": args.dataset, "base": info,
             "profile": "quick" if args.quick else "full"}
     if args.render_only:  # the report still says which run made its runs

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,13 +48,19 @@ CONTRACT_MARGIN_SERVED = 0.01  # ... are served with at least this margin
 RUNS_FILE = "contract-runs.jsonl"
 
 DEFAULT = DefenseSpec("coarse_confidence")
+# The neighbour of the default on the frontier, run at the default's full depth (every
+# attack, budget and attacker seed), so that choosing between the two is a measurement:
+# the previous default, three levels (the default adds one below 0.9).
+ALTERNATIVE = DefenseSpec("coarse_confidence", {"edges": [0.999, 0.99999]})
+FULL_STAGE = "full"  # the default and the alternative; the report tells them apart by defense
+VICTIM_FILE, VICTIM_META = "victim.pt", "victim.json"
 PAPER_RS = DefenseSpec("reverse_sigmoid", {"beta": 1.5, "gamma": 0.3, "preserve_top1": True})
 FRONTIER = (
     NO_DEFENSE,
     DefenseSpec("coarse_confidence", {"edges": []}),
     DefenseSpec("coarse_confidence", {"edges": [0.99999]}),
+    ALTERNATIVE,
     DEFAULT,
-    DefenseSpec("coarse_confidence", {"edges": [0.9, 0.999, 0.99999]}),
     DefenseSpec("rounded", {"decimals": 2}),
     DefenseSpec("top_k", {"k": 1}),
     DefenseSpec("class_labels"),
@@ -185,13 +192,14 @@ def attack_plans(defense: DefenseSpec, budget: int, seed: int, p: ContractProfil
 
 def plan_all(p: ContractProfile, budgets: Iterable[int] | None = None,
              frontier: bool = True) -> list[Plan]:
-    """The floors, the default and the paper's formula at every budget and seed, then the
-    frontier."""
+    """The floors, the default, its alternative and the paper's formula at every budget and
+    seed, then the frontier."""
     plans = []
     for b in budgets or p.budgets:
         for s in p.seeds:
             plans += [Plan("floor", f, NO_DEFENSE, b, s) for f in FLOOR_STRATEGIES]
-            plans += attack_plans(DEFAULT, b, s, p, "default")
+            plans += attack_plans(DEFAULT, b, s, p, FULL_STAGE)
+            plans += attack_plans(ALTERNATIVE, b, s, p, FULL_STAGE)
             plans += [x for x in attack_plans(LABELS, b, s, p, "floor") if x.strategy == LEARNED]
     for b in budgets or p.budgets:
         for s in p.paper_seeds:
@@ -227,7 +235,15 @@ class ContractExperiment:
         self.attacker = Attacker.from_dataset(ds, profile.architecture, profile.train, seed)
         self.base_test = predict(model, ds.test_x)
         self.runs_path = out / RUNS_FILE
-        self.done = {r["key"] for r in read_runs(out)}
+        runs = read_runs(out)
+        victim = victim_of(self.base_test)
+        others = Counter(r.get("victim", "not recorded") for r in runs if r.get("victim") != victim)
+        if others:
+            raise VictimMismatch(
+                f"{self.runs_path} holds {sum(others.values())} runs against another victim "
+                f"({'; '.join(others)}) than this one ({victim}); runs are paired by seed, so "
+                f"they cannot be mixed: use a new --out, or move {RUNS_FILE} away")
+        self.done = {r["key"] for r in runs}
 
     def run(self, plan: Plan) -> dict | None:
         """Carry out `plan` unless a run of it is already recorded; append its record."""
@@ -267,6 +283,46 @@ class ContractExperiment:
             served = spec.build()(self.base_test)
             out.append({"defense": spec.describe(), **utility(served, self.base_test)})
         return out
+
+
+class VictimMismatch(ValueError):
+    """The results folder holds runs against another victim than the one loaded."""
+
+
+def victim_model(dataset: str, out: Path, seed: int = 0,
+                 log: Callable[[str], None] = print) -> tuple[nn.Module, dict]:
+    """The model every run in `out` attacks: out/victim.pt when it is there, else the base
+    model trained here (`experiment.base_model`), whose weights are then saved there.
+    Training again on another machine or torch build gives another victim (floating-point
+    order differs), so a results folder keeps its own and every later run attacks it."""
+    import torch
+    from stealguard.attacks.experiment import base_model
+    from stealguard.modelserver.architectures import build_model
+
+    weights, meta_path = out / VICTIM_FILE, out / VICTIM_META
+    if weights.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("dataset") != dataset:
+            raise VictimMismatch(f"{weights} is a {meta.get('dataset')} model, not {dataset}")
+        model = build_model(meta["architecture"], tuple(meta["input_shape"]), meta["num_classes"])
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        log(f"victim: {weights} ({meta['victim']})")
+        return model.eval(), {**meta, "weights": str(weights)}
+    model, info = base_model(dataset, seed=seed, log=log)
+    trained = json.loads((Path(info["weights"]).parent / "meta.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), weights)
+    from stealguard.attacks.training import predict
+    from stealguard.modelserver.datasets import load_dataset
+
+    meta = {"dataset": dataset, "architecture": info["architecture"],
+            "input_shape": trained["input_shape"], "num_classes": trained["num_classes"],
+            "recipe": info["recipe"], "test_accuracy": trained["test_accuracy"],
+            "torch_version": trained["torch_version"], "trained_at": trained["trained_at"],
+            "victim": victim_of(predict(model, load_dataset(dataset, seed=seed).test_x))}
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    log(f"victim: trained here, saved to {weights} ({meta['victim']})")
+    return model, {**meta, "weights": str(weights)}
 
 
 def victim_of(base_test: np.ndarray) -> str:

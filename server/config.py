@@ -26,11 +26,11 @@ from stealguard.server.settings import (
 
 __all__ = ["DEFAULT_POLICY", "Config", "ConfigError", "load_config"]
 
-# The default: the label with a margin, the confidence on three levels, the rest keyed
+# The default: the label with a margin, the confidence on four levels, the rest keyed
 # (README, "Choosing the default"; measured in attacks/results/*/contract.md).
 DEFAULT_POLICY: dict[str, Any] = {
     "defense": "coarse_confidence",
-    "edges": [0.999, 0.99999],
+    "edges": [0.9, 0.999, 0.99999],
     "margin": 0.02,
 }
 # Keys of the default policy that flags and environment may set.

@@ -12,7 +12,7 @@ def test_defaults_protect_everything_with_coarse_confidence():
     config = load_config(env={})
     assert config.listen == "127.0.0.1:50051"
     assert config.policies == {
-        "default": {"defense": "coarse_confidence", "edges": [0.999, 0.99999], "margin": 0.02}
+        "default": {"defense": "coarse_confidence", "edges": [0.9, 0.999, 0.99999], "margin": 0.02}
     }
 
 

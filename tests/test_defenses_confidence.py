@@ -88,7 +88,7 @@ def test_default_values_are_midpoints_in_nines():
     ({"edges": [1.0]}, "edges must lie strictly between 0 and 1"),
     ({"edges": "0.9"}, "edges must be a list of numbers"),
     ({"values": [0.5]}, "values must have one entry per level"),
-    ({"values": [0.9, 0.8, 0.99]}, "values must not decrease"),
+    ({"values": [0.9, 0.8, 0.99, 0.999]}, "values must not decrease"),
     ({"margin": 0.5}, "margin must be a number in [0.005, 0.25]"),
 ])
 def test_bad_parameters_name_the_parameter(params, message):

@@ -3,7 +3,10 @@ the contract view; and the contract's utility figures."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 from _defenses_helpers import digits_softmax_rows
 from stealguard.attacks.contract import margins, runner_up, utility
 from stealguard.attacks.contract_report import checks, group, interval
@@ -80,3 +83,44 @@ def test_checks_pair_seeds_and_call_a_difference_beyond_its_interval_beating():
     assert not found["sample", "runner_up"]["beats"]
     mean, hw = interval([1.0, 2.0, 3.0])
     assert (mean, round(hw, 3)) == (2.0, 2.484)
+
+
+def test_full_stage_runs_are_reported_as_the_default_or_the_alternative_by_defense():
+    from stealguard.attacks.contract import ALTERNATIVE, DEFAULT, FULL_STAGE
+
+    def run(defense, seed):
+        return {"stage": FULL_STAGE, "strategy": "sample", "seed": seed, "budget": 100,
+                "defense": defense.describe(), "agreement": 0.9, "runner_up": 0.3, "kl": 0.1}
+
+    runs = [run(DEFAULT, s) for s in range(3)] + [run(ALTERNATIVE, s) for s in range(2)]
+    roles = {k[0]: len(cell) for k, cell in group(runs).items()}
+    assert roles == {"default": 3, "alternative": 2}
+
+
+def test_a_results_folder_keeps_its_victim_and_refuses_runs_against_another(tmp_path):
+    import torch
+    from stealguard.attacks.contract import (
+        RUNS_FILE,
+        ContractExperiment,
+        VictimMismatch,
+        victim_model,
+    )
+    from stealguard.modelserver.datasets import load_dataset
+
+    logged = []
+    model, info = victim_model("iris", tmp_path, log=logged.append)
+    assert (tmp_path / "victim.pt").exists() and "trained here" in logged[-1]
+    # the saved weights are what the next run attacks, whatever this machine would train
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    torch.save(model.state_dict(), tmp_path / "victim.pt")
+    again, _ = victim_model("iris", tmp_path, log=logged.append)
+    for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    ds = load_dataset("iris", seed=0)
+    (tmp_path / RUNS_FILE).write_text(json.dumps({"key": "k", "victim": info["victim"]}) + "\n")
+    with pytest.raises(VictimMismatch, match="another victim"):
+        ContractExperiment(ds, again, tmp_path)  # the weights moved: another victim
+    with pytest.raises(VictimMismatch, match="not digits"):
+        victim_model("digits", tmp_path)

@@ -148,7 +148,7 @@ class CoarseConfidence(Defense):
     _serial = staticmethod(coarse_confidence_serial)
     _parallel = staticmethod(coarse_confidence_parallel)
 
-    def __init__(self, edges: Sequence[float] = (0.999, 0.99999),
+    def __init__(self, edges: Sequence[float] = (0.9, 0.999, 0.99999),
                  values: Sequence[float] | None = None, margin: float = 0.02,
                  *, secret: bytes = b""):
         self.edges = _numbers("edges", edges)
