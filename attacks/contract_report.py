@@ -28,6 +28,14 @@ def interval(values) -> tuple[float, float]:
     return float(v.mean()), float(_T95.get(len(v) - 1, 1.96) * v.std(ddof=1) / math.sqrt(len(v)))
 
 
+def _short_label(defense: dict) -> str:
+    """A defense by the parameters that tell policies apart: coarse_confidence's edges."""
+    edges = [f"{v:g}" for k, v in sorted(defense["params"].items()) if k.startswith("edge_")]
+    if defense["name"] == "coarse_confidence":
+        return f"coarse_confidence, edges {' / '.join(edges) or 'none'}"
+    return _defense_label(defense)
+
+
 def _defense_label(defense: dict) -> str:
     params = ", ".join(f"{k} {v:g}" for k, v in defense["params"].items()
                        if k != "preserve_top1")
@@ -227,6 +235,8 @@ def _frontier_table(rows: list[dict]) -> list[str]:
 
 
 STYLES = {"floor": "k--", "default": "-", "alternative": "-.", "paper": ":"}
+ROLES = {"default": "the default", "alternative": "the alternative",
+         "paper": "the paper's RS 1.5/0.3"}
 
 
 def plot(groups: dict, path: Path, title: str) -> None:
@@ -236,15 +246,15 @@ def plot(groups: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6.5))
     series = defaultdict(dict)
-    for (stage, label, strategy, budget), cell in groups.items():
+    for (stage, _, strategy, budget), cell in groups.items():
         if stage in STYLES:
-            series[(stage, strategy, label)][budget] = cell
-    for (stage, strategy, defense), by_budget in sorted(series.items()):
+            series[(stage, strategy)][budget] = cell
+    for (stage, strategy), by_budget in sorted(series.items()):
         budgets = sorted(by_budget)
         style = STYLES[stage]
-        name = f"{strategy} on {defense}" if stage != "floor" else f"{strategy} (floor)"
+        name = f"{strategy} on {ROLES[stage]}" if stage != "floor" else f"{strategy} (floor)"
         for ax, metric in zip(axes, METRICS, strict=True):
             stats = [interval(r[metric] for r in by_budget[b].values()) for b in budgets]
             means = np.array([s[0] for s in stats])
@@ -257,9 +267,10 @@ def plot(groups: dict, path: Path, title: str) -> None:
         ax.set_xlabel("queries")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="best")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.22, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -284,11 +295,12 @@ def write(out: Path, meta: dict) -> str:
          "default": DEFAULT.describe(), "alternative": ALTERNATIVE.describe(),
          "frontier": front, "label_floor": floor, "runs": len(runs)},
         indent=1, default=float) + "\n")
-    default, alternative = (_defense_label(DEFAULT.describe()),
-                            _defense_label(ALTERNATIVE.describe()))
+    default, alternative = _short_label(DEFAULT.describe()), _short_label(ALTERNATIVE.describe())
     if runs:
         plot(groups, out / "contract_agreement.png", f"{meta.get('dataset', '')}: thieves "
-             "against the default, its alternative and the paper's Reverse Sigmoid")
+             f"against the default ({default}), the alternative ({alternative})\nand the "
+             "paper's Reverse Sigmoid "
+             "(95% bands over attacker seeds)")
     beaten = [c for c in default_checks if c["beats"]]
     beaten_alt = [c for c in alternative_checks if c["beats"]]
     victims = Counter(r.get("victim", "not recorded") for r in runs)
