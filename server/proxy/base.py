@@ -51,10 +51,14 @@ class ProxyServicer:
         self.core.resolve(model)
         return self._policies.resolve(model)
 
-    def perturber(self, policy: ProxyPolicy, context):
+    def perturber(self, policy: ProxyPolicy, context, principal: str | None = None):
         """`async perturb(rows) -> rows`: the core's protection of rows read out of an
-        answer, under `policy`, charged to the caller of `context`."""
-        principal = self.identity.of(context) if self.core.needs_principal else ANONYMOUS
+        answer, under `policy`, charged to the caller of `context` (`principal`, when the
+        front end has identified it already)."""
+        if not self.core.needs_principal:
+            principal = ANONYMOUS
+        elif principal is None:
+            principal = self.identity.of(context)
 
         async def perturb(rows: np.ndarray) -> np.ndarray:
             return (await self.core.protect(rows, policy.name, principal)).rows

@@ -49,10 +49,11 @@ class TorchServeProxy(ProxyServicer, inference_pb2_grpc.InferenceAPIsServiceServ
         return "unhealthy" not in reply.health.lower()
 
     async def _protect(self, response: inference_pb2.PredictionResponse, policy: ProxyPolicy,
-                       model: str, context) -> inference_pb2.PredictionResponse:
+                       model: str, context, principal: str | None = None
+                       ) -> inference_pb2.PredictionResponse:
         if response.prediction:  # an empty one (e.g. a reply with only a status) holds nothing
             response.prediction = await protect_prediction(
-                response.prediction, policy, model, self.perturber(policy, context))
+                response.prediction, policy, model, self.perturber(policy, context, principal))
         return response
 
     @status.unary
@@ -62,9 +63,11 @@ class TorchServeProxy(ProxyServicer, inference_pb2_grpc.InferenceAPIsServiceServ
     @status.unary
     async def Predictions(self, request, context):
         policy = self.policy(request.model_name)
-        with self.streams.call(self.identity.of(context)):
+        principal = self.identity.of(context)
+        with self.streams.call(principal):
             response = await self.upstream.unary(self.stub.Predictions, request, context)
-            return await self._protect(response, policy, request.model_name, context)
+            return await self._protect(response, policy, request.model_name, context,
+                                       principal)
 
     @status.streaming
     async def StreamPredictions(self, request, context):
@@ -97,7 +100,8 @@ class TorchServeProxy(ProxyServicer, inference_pb2_grpc.InferenceAPIsServiceServ
                                                         requests(), context):
                 pending.check()
                 model = pending.take(response)
-                yield await self._protect(response, self.policy(model), model, context)
+                yield await self._protect(response, self.policy(model), model, context,
+                                          principal)
             pending.check()
             if pending.waiting:
                 raise UpstreamError(

@@ -58,8 +58,9 @@ class V2Proxy(ProxyServicer, v2_grpc.GRPCInferenceServiceServicer):
     @status.unary
     async def ModelInfer(self, request, context):
         policy = self.policy(request.model_name)
-        with self.streams.call(self.identity.of(context)):
+        principal = self.identity.of(context)
+        with self.streams.call(principal):
             response = await self.upstream.unary(self.stub.ModelInfer, request, context)
             await protect_outputs(response, policy, request.model_name,
-                                  self.perturber(policy, context))
+                                  self.perturber(policy, context, principal))
         return response
