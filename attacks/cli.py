@@ -6,7 +6,7 @@
     stealguard-attack run --target HOST:PORT --model mnist --model mnist-open \\
         --strategy sample --budget 250,500,1000 --out DIR [--baseline-model mnist-open] \
         [--policies-from SIDECAR --policy mnist-open=none]   # for closed-form, learned ...
-    stealguard-attack contract --dataset mnist --out DIR [--budgets 50,1000] [--quick]
+    stealguard-attack contract --dataset mnist --out DIR [--budgets 50,1000] [--seeds 0-19] [--quick]
 
 Bad input (unknown dataset, strategy or model, unreachable target, a budget that is not a
 positive integer) ends with a one-line error and a non-zero exit status.
@@ -15,6 +15,7 @@ positive integer) ends with a one-line error and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -46,6 +47,20 @@ def budgets(text: str) -> list[int]:
         if not part.isdigit() or int(part) < 1:
             raise argparse.ArgumentTypeError(f"{part!r} is not a positive integer")
         out.append(int(part))
+    return out
+
+
+def seed_list(text: str) -> list[int]:
+    """'0-19' or '5,6,9' (or both, '0-4,9') -> attacker seeds, each a non-negative integer."""
+    out = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise argparse.ArgumentTypeError(f"{part.strip()!r} is not a seed or a range A-B")
+        lo, hi = int(first), int(last) if dash else int(first)
+        if hi < lo:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r}: the range ends before it starts")
+        out += [s for s in range(lo, hi + 1) if s not in out]
     return out
 
 
@@ -137,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument("--budgets", type=budgets, default=None,
                      help="only these of the profile's budgets (to split the work between "
                           "processes sharing --out)")
+    con.add_argument("--seeds", type=seed_list, default=None,
+                     help="attacker seeds of the floors, the default and its alternative, "
+                          "e.g. 0-19 (default: the profile's, 0-4); more seeds narrow the "
+                          "paired intervals, and runs already recorded are kept")
     con.add_argument("--no-frontier", action="store_true", help="skip the frontier runs")
     con.add_argument("--render-only", action="store_true",
                      help="render what OUT/contract-runs.jsonl holds, run nothing")
@@ -240,6 +259,8 @@ def cmd_contract(args) -> int:
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     ds = load_dataset(args.dataset, seed=args.seed)
     profile = contract.QUICK if args.quick else contract.FULL
+    if args.seeds is not None:
+        profile = dataclasses.replace(profile, seeds=tuple(args.seeds))
     unknown = sorted(set(args.budgets or ()) - set(profile.budgets))
     if unknown:
         raise UsageError(f"--budgets: {unknown[0]} is not a budget of this profile "

@@ -13,11 +13,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import t as student_t
 
 METRICS = ("agreement", "runner_up")
-# Student's t, two-sided 95%, by degrees of freedom (seeds - 1)
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262}
 
 
 def interval(values) -> tuple[float, float]:
@@ -25,7 +23,7 @@ def interval(values) -> tuple[float, float]:
     v = np.asarray(list(values), np.float64)
     if len(v) < 2:
         return float(v.mean()), math.nan
-    return float(v.mean()), float(_T95.get(len(v) - 1, 1.96) * v.std(ddof=1) / math.sqrt(len(v)))
+    return float(v.mean()), float(student_t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
 
 
 def _short_label(defense: dict) -> str:
@@ -43,16 +41,15 @@ def _defense_label(defense: dict) -> str:
 
 
 def role(run: dict) -> str:
-    """The stage a run is reported under. Runs of the full stage are the default's or the
-    alternative's, told apart by their defense, so that changing which policy is the
-    default re-labels its runs instead of invalidating them."""
-    from stealguard.attacks.contract import ALTERNATIVE, DEFAULT, FULL_STAGE
+    """The stage a run is reported under. Runs of the full stage are the default's, the
+    alternative's or the richer policy's, told apart by their defense, so that changing
+    which policy is the default re-labels its runs instead of invalidating them."""
+    from stealguard.attacks.contract import FULL_DEPTH, FULL_STAGE
 
     if run["stage"] != FULL_STAGE:
         return run["stage"]
-    if run["defense"] == DEFAULT.describe():
-        return "default"
-    return "alternative" if run["defense"] == ALTERNATIVE.describe() else "other"
+    return next((name for name, policy in FULL_DEPTH.items()
+                 if run["defense"] == policy.describe()), "other")
 
 
 def group(runs: list[dict]) -> dict:
@@ -234,9 +231,9 @@ def _frontier_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-STYLES = {"floor": "k--", "default": "-", "alternative": "-.", "paper": ":"}
+STYLES = {"floor": "k--", "default": "-", "alternative": "-.", "richer": "--", "paper": ":"}
 ROLES = {"default": "the default", "alternative": "the alternative",
-         "paper": "the paper's RS 1.5/0.3"}
+         "richer": "the richer policy", "paper": "the paper's RS 1.5/0.3"}
 
 
 def plot(groups: dict, path: Path, title: str) -> None:
@@ -283,27 +280,27 @@ def write(out: Path, meta: dict) -> str:
     groups = group(runs)
     utilities = json.loads((out / "utility.json").read_text()) if (out / "utility.json"
                                                                     ).exists() else []
-    from stealguard.attacks.contract import ALTERNATIVE, DEFAULT
+    from stealguard.attacks.contract import FULL_DEPTH
 
-    default_checks, paper_checks = checks(groups, "default"), checks(groups, "paper")
-    alternative_checks = checks(groups, "alternative")
+    all_checks = {name: checks(groups, name) for name in (*FULL_DEPTH, "paper")}
     front = frontier(groups, utilities)
     floor = label_floor(groups, _frontier_budget(groups))
     (out / "contract.json").write_text(json.dumps(
-        {"meta": meta, "checks": {"default": default_checks, "alternative": alternative_checks,
-                                  "paper": paper_checks},
-         "default": DEFAULT.describe(), "alternative": ALTERNATIVE.describe(),
+        {"meta": meta, "checks": all_checks,
+         **{name: policy.describe() for name, policy in FULL_DEPTH.items()},
          "frontier": front, "label_floor": floor, "runs": len(runs)},
         indent=1, default=float) + "\n")
-    default, alternative = _short_label(DEFAULT.describe()), _short_label(ALTERNATIVE.describe())
+    label = {name: _short_label(policy.describe()) for name, policy in FULL_DEPTH.items()}
     if runs:
         plot(groups, out / "contract_agreement.png", f"{meta.get('dataset', '')}: thieves "
-             f"against the default ({default}), the alternative ({alternative})\nand the "
-             "paper's Reverse Sigmoid "
-             "(95% bands over attacker seeds)")
-    beaten = [c for c in default_checks if c["beats"]]
-    beaten_alt = [c for c in alternative_checks if c["beats"]]
-    victims = Counter(r.get("victim", "not recorded") for r in runs)
+             f"against the default ({label['default']}), the alternative "
+             f"({label['alternative']}),\nthe richer policy ({label['richer']}) and the "
+             "paper's Reverse Sigmoid (95% bands over attacker seeds)")
+    beaten = {name: [c for c in cs if c["beats"]] for name, cs in all_checks.items()}
+    default_checks = all_checks["default"]
+    from stealguard.attacks.contract import identity
+
+    victims = Counter(identity(r) for r in runs)
     lines = [
         f"# {meta.get('dataset', '')}: the utility contract and the Kerckhoffs attacker", "",
         f"Made by `{meta.get('command', 'stealguard-attack contract')}` ({len(runs)} runs). "
@@ -316,25 +313,36 @@ def write(out: Path, meta: dict) -> str:
         *_floor_lines(floor), "",
         *_frontier_table(front), "",
         *_calibration_lines(front, floor), "",
-        f"## The default, {default}, under every attack", "",
+        f"## The default, {label['default']}, under every attack", "",
         *_stage_table(groups, ("floor", "default")), "",
         "### Checks", "",
         *_checks_table(default_checks), "",
-        f"{len(beaten)} of {len(default_checks)} comparisons beat their floor. The learned "
-        "thief is compared with the stronger, per metric, of the contract floor and the same "
-        "thief trained on labels only (its shadow model's prior: what labels give it).", "",
-        f"## The alternative, {alternative}, under the same attacks", "",
-        "The next policy on the frontier, at the default's full depth: the floors above are "
-        "its floors too.", "",
-        *_stage_table(groups, ("alternative",)), "",
-        *_checks_table(alternative_checks), "",
-        f"{len(beaten_alt)} of {len(alternative_checks)} comparisons beat their floor.", "",
+        f"{len(beaten['default'])} of {len(default_checks)} comparisons beat their floor. The "
+        "learned thief is compared with the stronger, per metric, of the contract floor and "
+        "the same thief trained on labels only (its shadow model's prior: what labels give "
+        "it).", "",
+        *_neighbour_lines("alternative", label["alternative"], "less", groups, all_checks),
+        *_neighbour_lines("richer", label["richer"], "more", groups, all_checks),
         "## The paper's Reverse Sigmoid (beta 1.5, gamma 0.3, guard) under the same attacks", "",
         *_stage_table(groups, ("paper",)), "",
-        *_checks_table(paper_checks), "",
+        *_checks_table(all_checks["paper"]), "",
         "![agreement](contract_agreement.png)", "",
     ]
     (out / "contract.md").write_text("\n".join(lines))
-    return (f"{len(runs)} runs; default: {len(beaten)} of {len(default_checks)} comparisons "
-            f"beat their floor; alternative: {len(beaten_alt)} of {len(alternative_checks)}; "
+    counts = "; ".join(f"{name}: {len(beaten[name])} of {len(all_checks[name])}"
+                       for name in FULL_DEPTH)
+    return (f"{len(runs)} runs; comparisons that beat their floor, {counts}; "
             f"wrote {out}/contract.md, contract.json")
+
+
+def _neighbour_lines(name: str, label: str, direction: str, groups: dict,
+                     all_checks: dict) -> list[str]:
+    """The section of a neighbour of the default on the frontier."""
+    found = all_checks[name]
+    return [f"## {ROLES[name].capitalize()}, {label}, under the same attacks", "",
+            f"The next policy on the frontier with {direction} confidence order, at the "
+            "default's depth: the floors above are its floors too.", "",
+            *_stage_table(groups, (name,)), "",
+            *_checks_table(found), "",
+            f"{sum(1 for c in found if c['beats'])} of {len(found)} comparisons beat their "
+            "floor.", ""]

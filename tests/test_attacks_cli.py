@@ -197,6 +197,10 @@ def test_experiment_quick_on_iris_solves_the_logistic_regression(tmp_path):
      "'abc' is not a positive integer"),
     (["run", "--target", "127.0.0.1:1", "--model", "m", "--strategy", "same-layer",
       "--out", "x"], "needs --beta and --gamma"),
+    (["contract", "--dataset", "digits", "--out", "x", "--seeds", "9-3"],
+     "'9-3': the range ends before it starts"),
+    (["contract", "--dataset", "digits", "--out", "x", "--seeds", "0,two"],
+     "'two' is not a seed or a range A-B"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
@@ -204,6 +208,13 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_seed_lists_take_ranges_and_single_seeds_once_each():
+    from stealguard.attacks.cli import seed_list
+
+    assert seed_list("0-4,9") == [0, 1, 2, 3, 4, 9]
+    assert seed_list("3,3, 2-3") == [3, 2]
 
 
 def test_unreachable_target_is_one_line_and_nonzero(tmp_path):

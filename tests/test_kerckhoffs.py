@@ -4,6 +4,7 @@ the contract view; and the contract's utility figures."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -85,16 +86,22 @@ def test_checks_pair_seeds_and_call_a_difference_beyond_its_interval_beating():
     assert (mean, round(hw, 3)) == (2.0, 2.484)
 
 
-def test_full_stage_runs_are_reported_as_the_default_or_the_alternative_by_defense():
-    from stealguard.attacks.contract import ALTERNATIVE, DEFAULT, FULL_STAGE
+def test_full_stage_runs_are_reported_by_the_role_of_their_defense():
+    from stealguard.attacks.contract import ALTERNATIVE, DEFAULT, FULL_STAGE, RICHER
 
     def run(defense, seed):
         return {"stage": FULL_STAGE, "strategy": "sample", "seed": seed, "budget": 100,
                 "defense": defense.describe(), "agreement": 0.9, "runner_up": 0.3, "kl": 0.1}
 
-    runs = [run(DEFAULT, s) for s in range(3)] + [run(ALTERNATIVE, s) for s in range(2)]
+    runs = ([run(DEFAULT, s) for s in range(3)] + [run(ALTERNATIVE, s) for s in range(2)]
+            + [run(RICHER, 0)])
     roles = {k[0]: len(cell) for k, cell in group(runs).items()}
-    assert roles == {"default": 3, "alternative": 2}
+    assert roles == {"default": 3, "alternative": 2, "richer": 1}
+
+
+def test_the_interval_uses_student_t_at_any_number_of_seeds():
+    mean, hw = interval([0.0, 1.0] * 10)  # 20 seeds: t(19) = 2.093, not the normal 1.96
+    assert mean == 0.5 and round(hw, 3) == round(2.093 * math.sqrt(20 / 19 * 0.25 / 20), 3)
 
 
 def test_a_results_folder_keeps_its_victim_and_refuses_runs_against_another(tmp_path):
@@ -104,6 +111,7 @@ def test_a_results_folder_keeps_its_victim_and_refuses_runs_against_another(tmp_
         ContractExperiment,
         VictimMismatch,
         victim_model,
+        weights_of,
     )
     from stealguard.modelserver.datasets import load_dataset
 
@@ -122,5 +130,25 @@ def test_a_results_folder_keeps_its_victim_and_refuses_runs_against_another(tmp_
     (tmp_path / RUNS_FILE).write_text(json.dumps({"key": "k", "victim": info["victim"]}) + "\n")
     with pytest.raises(VictimMismatch, match="another victim"):
         ContractExperiment(ds, again, tmp_path)  # the weights moved: another victim
+    # the same weights are the same victim even where another CPU rounds their answers
+    # differently (the answers' hash is then not this machine's)
+    (tmp_path / RUNS_FILE).write_text(json.dumps(
+        {"key": "k", "victim": "mean top 0.9, sha256 from-another-cpu",
+         "victim_weights": weights_of(again)}) + "\n")
+    assert ContractExperiment(ds, again, tmp_path).done == {"k"}
     with pytest.raises(VictimMismatch, match="not digits"):
         victim_model("digits", tmp_path)
+
+
+def test_the_full_stage_plans_every_attack_on_each_policy_at_each_seed():
+    from dataclasses import replace
+
+    from stealguard.attacks.contract import FULL_DEPTH, FULL_STAGE, QUICK, plan_all
+
+    plans = plan_all(replace(QUICK, seeds=(0, 7)), frontier=False)
+    full = {(json.dumps(p.defense.describe(), sort_keys=True), p.strategy, p.seed)
+            for p in plans if p.stage == FULL_STAGE}
+    assert len(full) == len(FULL_DEPTH) * 3 * 2  # sample, contract floor, learned; two seeds
+    assert {s for _, _, s in full} == {0, 7}
+    floors = {(p.strategy, p.seed) for p in plans if p.stage == "floor"}
+    assert {s for _, s in floors} == {0, 7}
