@@ -6,7 +6,8 @@
     stealguard-attack run --target HOST:PORT --model mnist --model mnist-open \\
         --strategy sample --budget 250,500,1000 --out DIR [--baseline-model mnist-open] \
         [--policies-from SIDECAR --policy mnist-open=none]   # for closed-form, learned ...
-    stealguard-attack contract --dataset mnist --out DIR [--budgets 50,1000] [--seeds 0-19] [--quick]
+    stealguard-attack contract --dataset mnist --out DIR [--budgets 50,1000] [--seeds 0-19] \\
+        [--quick]
 
 Bad input (unknown dataset, strategy or model, unreachable target, a budget that is not a
 positive integer) ends with a one-line error and a non-zero exit status.

@@ -23,7 +23,8 @@ def interval(values) -> tuple[float, float]:
     v = np.asarray(list(values), np.float64)
     if len(v) < 2:
         return float(v.mean()), math.nan
-    return float(v.mean()), float(student_t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    t = student_t.ppf(0.975, len(v) - 1)
+    return float(v.mean()), float(t * v.std(ddof=1) / math.sqrt(len(v)))
 
 
 def _short_label(defense: dict) -> str:
