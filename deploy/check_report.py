@@ -2,12 +2,16 @@
 
 Usage: python3 deploy/check_report.py [REPORT] [--protected mnist] [--unprotected mnist-open]
                                       [--tolerance 0.05] [--runner-up-tolerance 0.10]
-                                      [--min-gap 0.03]
+                                      [--min-gap 0.03] [--max-runner-up-served 0.5]
 
 Passes (exit 0) when the protected model keeps the utility contract and leaves thieves with
 labels, through the real network path:
   - its answers keep the base model's top-1 label on every test input, and on every row whose
     raw margin is at least 0.02 the label survives rounding to 2 decimals and float32;
+  - its answers came through the defense: their runner-up class is the base model's on at
+    most MAX_RUNNER_UP_SERVED of the test inputs (measured 0.10; raw answers give 1.00), while
+    the unprotected model's answers are the raw ones (1.00), so that what the thieves are
+    compared on is the defense (through Envoy, ext_proc must leave the baseline alone);
   - at every budget, no thief of the protected model beats the best label-only thief
     (argmax, label-smoothed) by more than TOLERANCE on agreement or RUNNER_UP_TOLERANCE on
     runner-up agreement. One seed per run here, hence tolerances of about 2.5 standard
@@ -32,7 +36,8 @@ LABEL_ONLY = ("argmax", "label-smoothed")
 
 
 def problems(report: dict, protected: str, unprotected: str, tolerance: float,
-             min_gap: float, runner_up_tolerance: float | None = None) -> list[str]:
+             min_gap: float, runner_up_tolerance: float | None = None,
+             max_runner_up_served: float = 0.5) -> list[str]:
     """What the report fails, as sentences; empty when it passes."""
     models = report.get("models", {})
     missing = [name for name in (protected, unprotected) if name not in models]
@@ -47,6 +52,15 @@ def problems(report: dict, protected: str, unprotected: str, tolerance: float,
         if entry["utility"][key] < 1.0:
             found.append(f"{protected}: {key} is {entry['utility'][key]:.4f} on the rows whose "
                          "raw margin is at least 0.02, not 1.00 (the utility contract)")
+    served = entry["utility"]["runner_up_served"]
+    if served > max_runner_up_served:
+        found.append(f"{protected}: its answers' runner-up is the base model's on {served:.3f} "
+                     f"of the test inputs, above {max_runner_up_served:.2f}: the answers did "
+                     "not come through the defense")
+    raw = models[unprotected]["utility"]["runner_up_served"]
+    if raw < 1.0:
+        found.append(f"{unprotected}: its answers' runner-up is the base model's on {raw:.3f} "
+                     "of the test inputs, not 1.00: the unprotected answers are not the raw ones")
     runs = entry["runs"]
     if not runs:
         found.append(f"{protected}: no attack ran")
@@ -87,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.05)
     parser.add_argument("--runner-up-tolerance", type=float, default=0.10)
     parser.add_argument("--min-gap", type=float, default=0.03)
+    parser.add_argument("--max-runner-up-served", type=float, default=0.5)
     args = parser.parse_args(argv)
     try:
         with open(args.report) as f:
@@ -95,13 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"check_report: cannot read {args.report}: {err}", file=sys.stderr)
         return 1
     found = problems(report, args.protected, args.unprotected, args.tolerance, args.min_gap,
-                     args.runner_up_tolerance)
+                     args.runner_up_tolerance, args.max_runner_up_served)
     for problem in found:
         print(f"check_report: FAIL: {problem}", file=sys.stderr)
     if found:
         return 1
     runs = report["models"][args.protected]["runs"]
-    print(f"check_report: OK: {args.protected} keeps the utility contract; none of its "
+    served = report["models"][args.protected]["utility"]["runner_up_served"]
+    print(f"check_report: OK: {args.protected}'s answers come through the defense (runner-up "
+          f"kept on {served:.3f} of the test inputs) and keep the utility contract; none of its "
           f"{len(runs)} thieves beats the label-only ones by more than {args.tolerance:.2f} "
           f"(agreement) / {args.runner_up_tolerance:.2f} (runner-up), "
           f"and Sample learns at least {args.min_gap:.2f} less runner-up structure than from "

@@ -128,17 +128,28 @@ def compose() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
+SERVICES = {"store", "sidecar", "sidecar-2", "modelserver", "attacker", "metering",
+            "modelserver-raw", "envoy", "attacker-envoy", "loadtest"}
+HEALTHY = {"condition": "service_healthy"}
+
+
 def test_compose_services_wait_for_healthy_dependencies(compose):
     services = compose["services"]
-    assert set(services) == {"sidecar", "modelserver", "attacker", "loadtest"}
-    assert services["modelserver"]["depends_on"] == {"sidecar": {"condition": "service_healthy"}}
-    assert services["attacker"]["depends_on"] == {
-        "modelserver": {"condition": "service_healthy"},
-        "sidecar": {"condition": "service_healthy"},
-    }
-    assert services["loadtest"]["depends_on"] == {"sidecar": {"condition": "service_healthy"}}
-    assert services["loadtest"]["profiles"] == ["loadtest"]
-    for name in ("sidecar", "modelserver"):
+    assert set(services) == SERVICES
+    for sidecar in ("sidecar", "sidecar-2"):
+        assert services[sidecar]["depends_on"] == {"store": HEALTHY}
+    assert services["modelserver"]["depends_on"] == {"sidecar": HEALTHY}
+    assert services["attacker"]["depends_on"] == {"modelserver": HEALTHY, "sidecar": HEALTHY}
+    assert services["metering"]["depends_on"] == {"sidecar": HEALTHY, "sidecar-2": HEALTHY}
+    assert services["envoy"]["depends_on"] == {"sidecar": HEALTHY, "modelserver-raw": HEALTHY}
+    assert services["attacker-envoy"]["depends_on"] == {"envoy": HEALTHY, "sidecar": HEALTHY}
+    assert services["loadtest"]["depends_on"] == {"sidecar": HEALTHY}
+    profiles = {name: s.get("profiles") for name, s in services.items()}
+    assert profiles == {
+        "store": None, "sidecar": None, "sidecar-2": None, "modelserver": None,
+        "attacker": None, "metering": ["metering"], "modelserver-raw": ["envoy"],
+        "envoy": ["envoy"], "attacker-envoy": ["envoy"], "loadtest": ["loadtest"]}
+    for name in ("sidecar", "sidecar-2", "modelserver", "modelserver-raw"):
         assert services[name]["healthcheck"]["test"][:3] == ["CMD", "python3",
                                                               HEALTHCHECK_IN_IMAGE]
 
@@ -148,7 +159,7 @@ def test_compose_ports_and_probes_match_the_images(compose):
     sidecar, modelserver = services["sidecar"], services["modelserver"]
     assert sidecar["build"]["target"] == "sidecar"
     assert {s["build"]["target"] for s in (modelserver, services["attacker"])} == {"lab"}
-    assert sidecar["command"] == ["--listen", f"0.0.0.0:{SIDECAR_PORT}"]
+    assert sidecar["command"][:2] == ["--listen", f"0.0.0.0:{SIDECAR_PORT}"]
     assert f"127.0.0.1:{SIDECAR_PORT}" in sidecar["healthcheck"]["test"]
     ms_cmd = modelserver["command"]
     assert ms_cmd[ms_cmd.index("--listen") + 1] == f"0.0.0.0:{MODELSERVER_PORT}"
@@ -176,7 +187,7 @@ def test_docker_compose_v1_accepts_the_file_against_the_compose_specification():
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert set(done.stdout.split()) == {"sidecar", "modelserver", "attacker", "loadtest"}
+    assert set(done.stdout.split()) == SERVICES
 
 
 # --- Kubernetes ----------------------------------------------------------------------------
@@ -313,16 +324,18 @@ def test_healthcheck_reads_torchserve_ping():
 # --- the scenario's report check -----------------------------------------------------------
 
 def scenario_report(kept: float = 1.0, closed_form: float = 0.93, runner_up: float = 0.30,
-                    round2: float = 1.0, sample_runner_up: float = 0.28) -> dict:
+                    round2: float = 1.0, sample_runner_up: float = 0.28,
+                    runner_up_served: float = 0.10, raw: float = 1.0) -> dict:
     def run(strategy: str, agreement: float, runner: float) -> dict:
         return {"strategy": strategy, "budget": 1000, "queries": 1000, "agreement": agreement,
                 "runner_up": runner}
 
-    utility = {"label_kept_round2": round2, "label_kept_float32": 1.0}
+    utility = {"label_kept_round2": round2, "label_kept_float32": 1.0,
+               "runner_up_served": runner_up_served}
     protected = {"protected_agreement": kept, "utility": utility, "runs": [
         run("argmax", 0.92, 0.33), run("label-smoothed", 0.93, 0.30),
         run("sample", 0.92, sample_runner_up), run("closed-form", closed_form, runner_up)]}
-    unprotected = {"protected_agreement": 1.0, "utility": utility,
+    unprotected = {"protected_agreement": 1.0, "utility": {**utility, "runner_up_served": raw},
                    "runs": [run("sample", 0.95, 0.62)]}
     return {"models": {"mnist": protected, "mnist-open": unprotected}}
 
@@ -370,6 +383,19 @@ def test_check_report_fails_when_rounding_loses_labels(tmp_path):
     done = run_check_report(tmp_path, scenario_report(round2=0.10))
     assert done.returncode == 1
     assert "label_kept_round2 is 0.1000" in done.stderr
+
+
+def test_check_report_fails_answers_that_did_not_come_through_the_defense(tmp_path):
+    done = run_check_report(tmp_path, scenario_report(runner_up_served=1.0))
+    assert done.returncode == 1
+    assert ("mnist: its answers' runner-up is the base model's on 1.000 of the test inputs, "
+            "above 0.50: the answers did not come through the defense") in done.stderr
+
+
+def test_check_report_fails_a_baseline_that_is_not_raw(tmp_path):
+    done = run_check_report(tmp_path, scenario_report(raw=0.10))
+    assert done.returncode == 1
+    assert "mnist-open: its answers' runner-up is the base model's on 0.100" in done.stderr
 
 
 def test_every_replica_meters_in_the_one_store_with_the_shared_secrets(manifests, tmp_path):
