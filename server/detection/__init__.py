@@ -1,0 +1,14 @@
+"""Extraction detectors: per-principal watchers of the queries a caller sends.
+
+    from stealguard.server.detection import Prada
+    detector = Prada(features=784, delta=0.9)
+    reading = detector.observe("shop", images, predicted_classes)
+    reading.alarm, reading.scores        # W below delta?, W after each row (nan: too few)
+
+`prada` holds PRADA (Juuti et al., EuroS&P 2019), on the inputs. Nothing here imports grpc
+or numba; scipy gives the Shapiro-Wilk test.
+"""
+
+from stealguard.server.detection.prada import FeatureSizeError, Prada, Reading
+
+__all__ = ["FeatureSizeError", "Prada", "Reading"]
