@@ -41,7 +41,7 @@ def test_both_replicas_are_one_definition_metering_in_the_store(services):
     assert services["sidecar-2"] == services["sidecar"]
     args = build_parser().parse_args(services["sidecar"]["command"])
     assert args.store == "redis://store:6379/0"
-    assert args.quota == ["20000/1h"]
+    assert args.quota == ["1000000/1h"]
     assert flag(services["store"]["command"], "--port") == "6379"
     assert services["store"]["build"]["target"] == "store"
     assert "ports" not in services["store"]  # the compose network only
