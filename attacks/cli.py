@@ -8,6 +8,8 @@
         [--policies-from SIDECAR --policy mnist-open=none]   # for closed-form, learned ...
     stealguard-attack contract --dataset mnist --out DIR [--budgets 50,1000] [--seeds 0-19] \\
         [--quick]
+    stealguard-attack detect --out attacks/results/detection [--budget 4000] [--clients 20] \\
+        [--attacks sample,argmax,jacobian,random,knockoff]
 
 Bad input (unknown dataset, strategy or model, unreachable target, a budget that is not a
 positive integer) ends with a one-line error and a non-zero exit status.
@@ -49,6 +51,13 @@ def budgets(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"{part!r} is not a positive integer")
         out.append(int(part))
     return out
+
+
+def positive(text: str) -> int:
+    """One positive integer."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
 
 
 def seed_list(text: str) -> list[int]:
@@ -97,6 +106,17 @@ def model_policy(text: str) -> tuple[str, str]:
     if not sep or not model or not policy:
         raise argparse.ArgumentTypeError(f"{text!r} is not MODEL=POLICY (e.g. mnist-open=none)")
     return model, policy
+
+
+def detect_attacks(text: str) -> list[str]:
+    from stealguard.attacks.detection import ATTACKS
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    for s in names or [text]:
+        if s not in ATTACKS:
+            raise argparse.ArgumentTypeError(f"unknown attack {s!r}; choose from "
+                                             f"{', '.join(ATTACKS)}")
+    return names
 
 
 def threads(text: str) -> int:
@@ -190,6 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds to connect and per request of 100 inputs (default 30)")
     run.add_argument("--quick", action="store_true", help="short training (for tests)")
     run.add_argument("--seed", type=int, default=0)
+
+    det = sub.add_parser("detect", help="PRADA against each attack and against benign "
+                         "clients on the MNIST victim (queries to detection, false alarms)")
+    det.add_argument("--out", type=Path, required=True, help="directory for the results")
+    det.add_argument("--victim", type=Path, default=Path("attacks/results/mnist"),
+                     help="folder holding the victim's victim.pt and victim.json "
+                          "(default: attacks/results/mnist)")
+    det.add_argument("--budget", type=positive, default=4000, help="queries per attack")
+    det.add_argument("--clients", type=positive, default=20,
+                     help="benign clients, and as many calibration clients (default 20)")
+    det.add_argument("--attacks", type=detect_attacks, default=None,
+                     help="comma-separated, default all")
+    det.add_argument("--quick", action="store_true", help="short training (for tests)")
+    det.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -416,8 +450,46 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_detect(args) -> int:
+    import json
+
+    from stealguard.attacks import detection
+    from stealguard.attacks.contract import victim_model
+    from stealguard.attacks.experiment import IMAGE_QUICK
+    from stealguard.modelserver.datasets import load_dataset
+
+    started = time.perf_counter()
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    if not (args.victim / "victim.pt").exists():
+        raise UsageError(f"--victim: no victim.pt in {args.victim} (the committed MNIST "
+                         "victim is attacks/results/mnist)")
+    ds = load_dataset("mnist", seed=args.seed)
+    model, info = victim_model("mnist", args.victim, seed=args.seed, log=log)
+    plan = detection.Plan(budget=args.budget, clients=args.clients, seed=args.seed,
+                          attacks=tuple(args.attacks or detection.ATTACKS))
+    if args.quick:
+        plan = dataclasses.replace(plan, train=IMAGE_QUICK.train)
+    result = detection.evaluate(ds, model, plan, log=log)
+    meta = {**_meta(args, started), "victim": info.get("victim_weights", info["weights"]),
+            "budget": plan.budget,
+            "clients": plan.clients, "profile": "quick" if args.quick else "full"}
+    args.out.mkdir(parents=True, exist_ok=True)
+    saved = detection.to_json(result, meta)
+    (args.out / "results.json").write_text(json.dumps(saved, indent=1) + "\n")
+    (args.out / "report.md").write_text(detection.render(saved, meta))
+    detection.plot(saved, args.out / "detection_w.png")
+    for row in saved["attacks"]:
+        print(f"{row['attack']}: {detection.detected_text(row)}")
+    benign = saved["benign"]
+    print(f"benign: {benign['alarmed_clients']}/{benign['clients']} clients alarmed, "
+          f"{benign['alarms']} alarms over {benign['queries']} queries (delta "
+          f"{saved['delta']:.2f})")
+    print(f"wrote {args.out}/results.json, report.md, detection_w.png ({meta['seconds']:.0f} s)")
+    return 0
+
+
 COMMANDS = {"experiment": cmd_experiment, "contract": cmd_contract, "calibrate": cmd_calibrate,
-            "run": cmd_run}
+            "run": cmd_run, "detect": cmd_detect}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,13 @@
-"""PRADA (stealguard.server.detection) on small real inputs."""
+"""PRADA (stealguard.server.detection) on small real inputs, and `stealguard-attack detect`'s
+one-line errors."""
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
+from _procs import script
 from stealguard.modelserver.datasets import load_dataset
 from stealguard.server.detection import FeatureSizeError, Prada
 from stealguard.server.detection.prada import InvalidQueries
@@ -108,3 +112,63 @@ def test_bad_queries_are_refused_with_the_principal(queries, classes, message):
 def test_bad_parameters_name_the_parameter(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Prada(**{"features": 784, **kwargs})
+
+
+def test_the_surrogate_set_is_digits_in_mnists_frame():
+    from stealguard.attacks.detection import surrogate_digits
+
+    x = surrogate_digits()
+    assert x.shape == (1797, 1, 28, 28) and x.dtype == np.float32
+    assert x.min() >= 0 and x.max() <= 1 and x.max() > 0.9
+    assert not x[:, :, :4].any() and not x[:, :, -4:].any()  # MNIST's 4-pixel margin
+
+
+@pytest.mark.parametrize("args, message", [
+    (["detect", "--out", "x", "--budget", "0"], "'0' is not a positive integer"),
+    (["detect", "--out", "x", "--clients", "abc"], "'abc' is not a positive integer"),
+    (["detect", "--out", "x", "--attacks", "jacobian,steal-all"],
+     "unknown attack 'steal-all'"),
+    (["detect", "--out", "x", "--victim", "no/such/folder"], "--victim: no victim.pt in"),
+    (["detect"], "the following arguments are required: --out"),
+])
+def test_detect_bad_flags_are_one_line_and_exit_2(args, message):
+    result = subprocess.run([script("stealguard-attack"), *args], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_escalation_answers_labels_only_from_the_alarm_on():
+    import torch
+    from stealguard.attacks.detection import EscalatingOracle
+    from stealguard.attacks.training import predict
+
+    ds = load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    # delta 1.0: the first scored query (after 3 distances, the 4th of its class) alarms
+    detector = Prada(64, delta=1.0, min_distances=3, max_principals=1)
+    oracle = EscalatingOracle(model, 40, detector, "thief")
+    first = oracle.query(ds.test_x[:2])
+    assert oracle.alarmed_at is None and not np.isin(first, (0.0, 1.0)).all()
+    rest = np.concatenate([oracle.query(ds.test_x[i:i + 6]) for i in range(2, 38, 6)])
+    assert oracle.alarmed_at is not None and 2 < oracle.alarmed_at <= 38
+    answers = np.concatenate([first, rest])
+    cut = oracle.alarmed_at - 1
+    assert not np.isin(answers[:cut], (0.0, 1.0)).all(1).any()  # probabilities before
+    assert np.isin(answers[cut:], (0.0, 1.0)).all() and (answers[cut:].sum(1) == 1).all()
+    clean = predict(model, ds.test_x[:38])
+    assert (answers.argmax(1) == clean.argmax(1)).all()  # the label is the model's
+    queries, recorded = oracle.stream()
+    assert len(queries) == 38 and np.array_equal(recorded, answers)
+
+
+def test_delta_is_the_grid_value_below_every_calibration_w():
+    from stealguard.attacks.detection import choose_delta, first_alarm
+
+    calibration = [np.array([np.nan, 0.99, 0.9421]), np.array([np.nan, 0.97, 0.96])]
+    delta = choose_delta(calibration)
+    assert delta == 0.94  # exactly the grid's value, so the sweep does not list it twice
+    assert all(first_alarm(w, delta) is None for w in calibration)
+    assert first_alarm(np.array([np.nan, 0.95, 0.93, 0.90]), delta) == 3  # 1-based query
