@@ -9,6 +9,11 @@
                  the raw probabilities); the identity for a model whose policy is `none`
     postprocess  JSON: the probability vector, or a list of vectors for a batch
 
+With extraction detection on (`--detect prada`, `stealguard.modelserver.watch`), the
+inputs and the predicted classes go to the detector after inference, and the core asks
+its escalation ladder which answer the principal gets (its policy, another sidecar
+policy, labels only, or a refusal).
+
 A `Handler` is the core's policy for its model (named after the model, so metrics are by
 model). `Models` holds the handlers of every model in the store and resolves them for the
 core. Nothing here sees a protobuf, and nothing loads numba: the defense runs in the
@@ -24,6 +29,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +38,9 @@ from stealguard.client.inputs import InputError, decode_input
 from stealguard.modelserver.metrics import Recorder
 from stealguard.modelserver.store import ModelSpec, UnknownModel
 from stealguard.server.core import ANONYMOUS, ProtectCore
+
+if TYPE_CHECKING:  # the detector (scipy) loads only when detection is on
+    from stealguard.modelserver.watch import Watch
 
 INFERENCE_CHUNK = 256  # rows per forward pass, so a large batch cannot exhaust memory
 DATA_KEYS = ("data", "body")  # TorchServe's handlers read either key
@@ -45,7 +54,7 @@ class Handler:
     def __init__(self, spec: ModelSpec, module: torch.nn.Module,
                  sidecar: AsyncDefenseClient | None, executor: Executor | None = None,
                  max_batch: int = 1024, recorder: Recorder | None = None,
-                 core: ProtectCore | None = None):
+                 core: ProtectCore | None = None, watch: Watch | None = None):
         if spec.protected and sidecar is None:
             raise ValueError(f"model {spec.name!r} has policy {spec.policy!r}: it needs a sidecar")
         self.spec = spec
@@ -55,11 +64,22 @@ class Handler:
         self.max_batch = max_batch
         self.recorder = recorder or Recorder(enabled=False)
         self.core = core or ProtectCore(_Only(self))
+        self.watch = watch
 
     @property
     def name(self) -> str:
         """The core's policy name: the model's (metrics are by model)."""
         return self.spec.name
+
+    @property
+    def protected(self) -> bool:
+        """Whether answers go through the sidecar (escalation leaves the others alone)."""
+        return self.spec.protected
+
+    def using(self, policy: str) -> _Bound:
+        """This model as the core's policy, calling the sidecar with `policy` instead of
+        its own (an escalation step naming a stronger policy)."""
+        return _Bound(self, None, sidecar_policy=policy)
 
     def perturb(self, rows: np.ndarray, logits: bool = False):
         """The core's perturb step, with no caller deadline (see `protect`)."""
@@ -92,8 +112,10 @@ class Handler:
         return probs
 
     async def protect(self, probs: np.ndarray, deadline: float | None = None,
-                      principal: str = "") -> np.ndarray:
+                      principal: str = "", policy: str | None = None) -> np.ndarray:
         """The sidecar's perturbation of `probs`, failing closed; identity for policy none.
+
+        `policy`: the sidecar policy to ask for instead of the model's own (escalation).
 
         `principal` is the end client, sent with the rows: a sidecar that meters charges
         it there when the model server's sidecar token is marked as a gateway. When the
@@ -111,7 +133,7 @@ class Handler:
         if deadline is not None:
             budget = min(budget, deadline - time.monotonic())
         try:
-            return await protect_async(self.sidecar, probs, model=self.spec.policy,
+            return await protect_async(self.sidecar, probs, model=policy or self.spec.policy,
                                        on_error="raise", timeout=budget,
                                        principal=principal,
                                        charged=self.core.limiter is not None)
@@ -126,9 +148,13 @@ class Handler:
         """JSON: one probability vector, or a list of them for a batch."""
         return json.dumps(probs.tolist() if is_batch else probs[0].tolist()).encode()
 
-    def _preprocess_and_infer(self, inputs: Mapping[str, bytes]) -> tuple[np.ndarray, bool]:
+    def _preprocess_and_infer(self, inputs: Mapping[str, bytes],
+                              client: str) -> tuple[np.ndarray, bool]:
         batch, is_batch = self.preprocess(inputs)
-        return self.inference(batch), is_batch
+        probs = self.inference(batch)
+        if self.watch is not None:
+            self.watch.observe(self.spec, client, batch, probs)  # before the answer is chosen
+        return probs, is_batch
 
     async def handle(self, inputs: Mapping[str, bytes], deadline: float | None = None,
                      client: str = ANONYMOUS) -> bytes:
@@ -140,7 +166,7 @@ class Handler:
         loop = asyncio.get_running_loop()
         # decoding and the forward pass run off the event loop (torch releases the GIL)
         probs, is_batch = await loop.run_in_executor(
-            self.executor, self._preprocess_and_infer, inputs
+            self.executor, self._preprocess_and_infer, inputs, client
         )
         answer = await self.core.protect(probs, _Bound(self, deadline, client), client)
         return self.postprocess(answer.rows, is_batch)
@@ -148,16 +174,26 @@ class Handler:
 
 class _Bound:
     """A handler as the core's policy for one call: its sidecar call gets that call's
-    deadline."""
+    deadline (and `sidecar_policy` instead of the model's, when escalation says so)."""
 
-    __slots__ = ("handler", "deadline", "name", "principal")
+    __slots__ = ("handler", "deadline", "name", "principal", "sidecar_policy")
 
-    def __init__(self, handler: Handler, deadline: float | None, principal: str = ""):
+    def __init__(self, handler: Handler, deadline: float | None, principal: str = "",
+                 sidecar_policy: str | None = None):
         self.handler, self.deadline, self.name = handler, deadline, handler.spec.name
         self.principal = "" if principal == ANONYMOUS else principal
+        self.sidecar_policy = sidecar_policy
+
+    @property
+    def protected(self) -> bool:
+        return self.handler.spec.protected
+
+    def using(self, policy: str) -> _Bound:
+        """This call with the sidecar's `policy` instead of the model's."""
+        return _Bound(self.handler, self.deadline, self.principal, policy)
 
     def perturb(self, rows: np.ndarray, logits: bool = False):
-        return self.handler.protect(rows, self.deadline, self.principal)
+        return self.handler.protect(rows, self.deadline, self.principal, self.sidecar_policy)
 
 
 class _Only:
@@ -187,7 +223,8 @@ class Models:
 
     def __init__(self, specs: Mapping[str, ModelSpec], sidecar: AsyncDefenseClient | None,
                  executor: Executor | None = None, max_batch: int = 1024,
-                 recorder: Recorder | None = None, core: ProtectCore | None = None):
+                 recorder: Recorder | None = None, core: ProtectCore | None = None,
+                 watch: Watch | None = None):
         modules: dict[Path, torch.nn.Module] = {}  # models that share weights share a module
         self.handlers: dict[str, Handler] = {}
         self.core = core or ProtectCore(self)
@@ -198,7 +235,7 @@ class Models:
             if key not in modules:
                 modules[key] = load_module(spec)
             self.handlers[name] = Handler(spec, modules[key], sidecar, executor, max_batch,
-                                          recorder, self.core)
+                                          recorder, self.core, watch)
 
     def resolve(self, name: str) -> Handler:
         """The core's policy lookup: the handler of model `name` (`UnknownModel`)."""

@@ -20,6 +20,7 @@ from stealguard.modelserver.handler import Models
 from stealguard.modelserver.metrics import Recorder
 from stealguard.modelserver.servicer import InferenceServicer
 from stealguard.modelserver.store import ensure_default_models, read_store
+from stealguard.modelserver.watch import watch_of
 from stealguard.server.core import ProtectCore
 from stealguard.server.metering.settings import meter_of, stream_guard
 from stealguard.server.platform import lifecycle
@@ -102,12 +103,13 @@ async def run_modelserver(config: ServerConfig, reload=None) -> None:
                         protected=[name for name, spec in specs.items() if spec.protected])
     limiter = meter_of(config)
     sidecar = sidecar_client(config)
+    watch = watch_of(config, specs.values())
     # one inference thread: each forward pass already uses torch_threads cores
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference") as executor:
         core = ProtectCore(None, limiter=limiter,
-                           observers=[recorder] if recorder.enabled else [])
+                           observers=[recorder] if recorder.enabled else [], escalation=watch)
         core.refuse(WARMING_UP)
-        models = Models(specs, sidecar, executor, config.max_batch, recorder, core)
+        models = Models(specs, sidecar, executor, config.max_batch, recorder, core, watch)
         app = GrpcApp.from_settings(config, [INFERENCE_SERVICE], logger=log)
         add_lenient(inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server,
                     InferenceServicer(models, recorder, app.identity,

@@ -93,6 +93,9 @@ class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": self.formatTime(record), "level": record.levelname,
                  "logger": record.name, "pid": record.process, "message": record.getMessage()}
+        event = getattr(record, "event", None)  # structured fields: log(..., extra={"event": {}})
+        if event is not None:
+            entry["event"] = event
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -12,14 +12,16 @@ server, and any new one such as Envoy ext_proc).
 3. check the rows: a 2-D array, at most `max_rows` of them (`InvalidInput`, `Exhausted`);
 4. ask the limiter: `await limiter.admit(principal, rows)`; it refuses by raising
    `Exhausted` (with `retry_after` seconds and `quota` details when it knows them);
-5. perturb with the policy (a defense in process, or a remote sidecar call for the model
+5. ask the escalation, if any, which policy this principal gets instead
+   (`escalation.policy_for(principal, policy)`; it refuses by raising `Exhausted`);
+6. perturb with the policy (a defense in process, or a remote sidecar call for the model
    server); the policy raises `InvalidInput` for rows that are not probabilities;
-6. tell every observer what was asked and answered (`Exchange`), refusals included.
+7. tell every observer what was asked and answered (`Exchange`), refusals included.
 
 Errors are the domain exceptions of `stealguard.server.errors`; the front end maps their
 kind to its protocol once. Anything else that escapes is a bug (INTERNAL).
 
-**Plugging in.** Both hooks are small on purpose:
+**Plugging in.** The three hooks are small on purpose:
 
 - A *limiter* (rate limits, quotas, per-principal metering) is any object with
   ``async def admit(self, principal: str, rows: int) -> None`` that returns to admit and
@@ -32,6 +34,12 @@ kind to its protocol once. Anything else that escapes is a bug (INTERNAL).
   got past step 2, after the answer or the refusal. It runs inline, so it must be quick;
   one that needs I/O schedules it (``asyncio.get_running_loop().create_task``) and returns.
   An observer that raises does not change the answer; its error is logged.
+- An *escalation* (`stealguard.server.detection.Ladder`, fed by the detectors of the
+  front end that sees the inputs) is any object with
+  ``def policy_for(self, principal: str, policy: Policy) -> Policy``: the policy to
+  answer this principal with (the one given, a stronger one, labels only), or a refusal
+  (`Exhausted`). It runs inline, so it must be quick. If it fails any other way, the
+  configured policy answers and the error is logged: never a weaker answer.
 
 The core imports numpy only: no grpc, no numba (the policies bring the defenses).
 """
@@ -45,7 +53,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import numpy as np
-from stealguard.server.errors import Exhausted, InvalidInput, Unavailable
+from stealguard.server.errors import Exhausted, InvalidInput, ProtectError, Unavailable
 
 log = logging.getLogger("stealguard.core")
 
@@ -102,6 +110,13 @@ class Exchange:
         return 0 if self.returned is None else len(self.returned)
 
 
+class Escalation(Protocol):
+    """Chooses a principal's policy after a detector's alarms (see the module docstring)."""
+
+    def policy_for(self, principal: str, policy: Policy) -> Policy:
+        """The policy for `principal` instead of `policy`; raise `Exhausted` to refuse."""
+
+
 class Observer(Protocol):
     """Told about every `protect` call (see the module docstring)."""
 
@@ -122,11 +137,13 @@ class ProtectCore:
     """
 
     def __init__(self, policies: Policies, *, max_rows: int | None = None,
-                 limiter: Limiter | None = None, observers: Iterable[Observer] = ()):
+                 limiter: Limiter | None = None, observers: Iterable[Observer] = (),
+                 escalation: Escalation | None = None):
         self.policies = policies
         self.max_rows = max_rows
         self.limiter = limiter
         self.observers = list(observers)
+        self.escalation = escalation
         #: Why calls are refused (warming up, draining), or None while serving.
         self.unavailable: str | None = None
 
@@ -134,7 +151,8 @@ class ProtectCore:
     def needs_principal(self) -> bool:
         """Whether a limiter or observer will look at the principal (front ends may skip
         identifying the caller when nothing will)."""
-        return self.limiter is not None or bool(self.observers)
+        return self.limiter is not None or bool(self.observers) \
+            or self.escalation is not None
 
     def refuse(self, reason: str) -> None:
         """Refuse every call from now on with `Unavailable(reason)`."""
@@ -186,7 +204,8 @@ class ProtectCore:
                     if exchange is not None:
                         exchange.limited = True
                     raise
-            returned = chosen.perturb(rows, logits)
+            applied = chosen if self.escalation is None else self._escalated(principal, chosen)
+            returned = applied.perturb(rows, logits)
             if returned.__class__ is not np.ndarray and inspect.isawaitable(returned):
                 returned = await returned  # a remote policy (the model server's sidecar call)
         except BaseException as error:
@@ -197,7 +216,17 @@ class ProtectCore:
         if exchange is not None:
             exchange.returned = returned
             self._tell(exchange)
-        return Answer(returned, chosen.name)
+        return Answer(returned, applied.name)
+
+    def _escalated(self, principal: str, chosen: Policy) -> Policy:
+        try:
+            return self.escalation.policy_for(principal, chosen)
+        except ProtectError:
+            raise  # a refusal
+        except Exception:  # noqa: BLE001 - a failing escalation keeps the configured policy
+            log.exception("escalation %r failed for principal %r: keeping policy %r",
+                          self.escalation, principal, chosen.name)
+            return chosen
 
     def _tell(self, exchange: Exchange) -> None:
         for observer in self.observers:

@@ -5,10 +5,13 @@
     reading = detector.observe("shop", images, predicted_classes)
     reading.alarm, reading.scores        # W below delta?, W after each row (nan: too few)
 
-`prada` holds PRADA (Juuti et al., EuroS&P 2019), on the inputs. Nothing here imports grpc
-or numba; scipy gives the Shapiro-Wilk test.
+`prada` holds PRADA (Juuti et al., EuroS&P 2019), on the inputs; `escalation` the
+per-principal ladder its alarms climb (`Ladder`: watch, a policy, labels, refuse), which
+the protect core consults. Nothing here imports grpc or numba; scipy gives the
+Shapiro-Wilk test.
 """
 
+from stealguard.server.detection.escalation import Ladder
 from stealguard.server.detection.prada import FeatureSizeError, Prada, Reading
 
-__all__ = ["FeatureSizeError", "Prada", "Reading"]
+__all__ = ["FeatureSizeError", "Ladder", "Prada", "Reading"]
