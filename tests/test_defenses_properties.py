@@ -79,7 +79,15 @@ def test_guarded_reverse_sigmoid_keeps_top1_and_leaves_unflipped_rows_untouched(
     out, unguarded = guarded(probs), plain(probs)
     _check_common(guarded, probs, out)
     _check_common(plain, probs, unguarded)
-    kept = top1(unguarded) == top1(probs)
+    # a row the cast to the input's dtype left tied (within an ulp) may have flipped in the
+    # kernel's float64 arithmetic, where the guard acts: only clear rows must be untouched
+    wide = unguarded.astype(np.float64)
+    if wide.shape[1] == 1:
+        gap = np.abs(2 * wide[:, 0] - 1)
+    else:
+        ordered = np.sort(wide, axis=1)
+        gap = ordered[:, -1] - ordered[:, -2]
+    kept = (top1(unguarded) == top1(probs)) & (gap > 1e-6)
     np.testing.assert_array_equal(out[kept], unguarded[kept])
 
 
