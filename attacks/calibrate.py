@@ -7,7 +7,10 @@ that keep every thief at argmax-only (best-thief agreement and runner-up agreeme
 most `tolerance` above the argmax-only floor: the best label-only thief against the
 undefended model); among those the one that keeps the most confidence order (Spearman of the
 top probability), then the smallest top error. When none is at the floor (or the floor was
-not run), the strongest protection: the rows within `tolerance` of the lowest.
+not run), the strongest protection: the rows within `tolerance` of the lowest. A defense that
+was also run at full depth (every attack, budget and seed) and beat a floor there is not
+chosen: the frontier is one budget and three seeds, the full-depth checks are paired
+intervals at every budget (`beaten_at_depth`).
 
 The paper's rule:
 
@@ -38,16 +41,26 @@ class FrontierError(ValueError):
     """The frontier cannot support a choice (no measured row meets the contract)."""
 
 
+def beaten_at_depth(report: dict) -> list[dict]:
+    """The defenses (as contract.json describes them) that a full-depth check found beaten:
+    some attack above its floor by more than the interval, at some budget."""
+    return [report[role] for role, found in report.get("checks", {}).items()
+            if role in report and any(c.get("beats") for c in found)]
+
+
 def choose_from_frontier(rows: list[dict], tolerance: float = FRONTIER_TOLERANCE,
-                         floor: dict | None = None) -> dict:
+                         floor: dict | None = None, beaten: list[dict] = ()) -> dict:
     """The frontier row to serve, with the reason: {"defense", "config", "reason",
     "candidates"}. `rows` are contract.json's "frontier" entries, `floor` its "label_floor"
-    ({"agreement", "runner_up", ...}); the undefended row is never chosen."""
+    ({"agreement", "runner_up", ...}), `beaten` the defenses its full-depth checks found
+    beaten (`beaten_at_depth`); the undefended row is never chosen."""
     if not math.isfinite(tolerance) or tolerance < 0:
         raise FrontierError(f"tolerance must be a number >= 0, not {tolerance}")
     measured = [r for r in rows if r.get("spec", {}).get("name") != "none"
                 and math.isfinite(r.get("best_agreement", math.nan))
                 and math.isfinite(r.get("best_runner_up", math.nan))]
+    excluded = [r for r in measured if r.get("spec") in beaten]
+    measured = [r for r in measured if r not in excluded]
     if not measured:
         raise FrontierError("no defense of the frontier has a measured best thief (run "
                             "`stealguard-attack contract` without --no-frontier)")
@@ -72,7 +85,10 @@ def choose_from_frontier(rows: list[dict], tolerance: float = FRONTIER_TOLERANCE
                   f"within {tolerance:g} of the strongest protection (agreement {low[0]:.3f}, "
                   f"runner-up {low[1]:.3f})")
     best = max(strongest, key=lambda r: (r["spearman_top"], -r["top_error"]))
-    reason = (f"{len(eligible)} of {len(measured)} measured defenses keep the contract; "
+    dropped = (f" ({len(excluded)} more left out: beaten at full depth, "
+               f"{', '.join(r['defense'] for r in excluded)})" if excluded else "")
+    reason = (f"{len(eligible)} of {len(measured)} measured defenses keep the contract"
+              f"{dropped}; "
               f"{len(strongest)} {target}; this one keeps the most confidence order "
               f"(Spearman {best['spearman_top']:.3f}, top error {best['top_error']:.3f}; best "
               f"thief agreement {best['best_agreement']:.3f} by {best['best_agreement_by']}, "

@@ -361,6 +361,7 @@ def _calibrate_from_contract(args) -> int:
     from stealguard.attacks.calibrate import (
         FRONTIER_TOLERANCE,
         FrontierError,
+        beaten_at_depth,
         choose_from_frontier,
         config_policy_yaml,
     )
@@ -382,7 +383,8 @@ def _calibrate_from_contract(args) -> int:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--from-contract: {path} is not a contract report ({e})") from None
     try:
-        choice = choose_from_frontier(rows, tolerance, report.get("label_floor"))
+        choice = choose_from_frontier(rows, tolerance, report.get("label_floor"),
+                                      beaten_at_depth(report))
     except FrontierError as e:
         raise UsageError(f"--from-contract: {e}") from None
     if choice["config"] is None:

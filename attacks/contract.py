@@ -47,15 +47,21 @@ CONTRACT_MARGIN_RAW = 0.02  # rows whose raw top-1 margin is at least this ...
 CONTRACT_MARGIN_SERVED = 0.01  # ... are served with at least this margin
 RUNS_FILE = "contract-runs.jsonl"
 
-DEFAULT = DefenseSpec("coarse_confidence")
-# The neighbour of the default on the frontier, run at the default's full depth (every
-# attack, budget and attacker seed), so that choosing between the two is a measurement:
-# the previous default, three levels (the default adds one below 0.9).
-ALTERNATIVE = DefenseSpec("coarse_confidence", {"edges": [0.999, 0.99999]})
-# Its neighbour on the other side, for operators who want more confidence order: six levels,
-# one per nine from 0.9 to 0.99999 (Spearman of the served top 0.976 on MNIST against the
-# default's 0.939), measured at the same depth so that its price is stated, not guessed.
-RICHER = DefenseSpec("coarse_confidence", {"edges": [0.9, 0.99, 0.999, 0.9999, 0.99999]})
+DEFAULT = DefenseSpec("coarse_confidence")  # twelve levels: 0.5, 0.7, two per nine to 0.99999
+# The neighbour of the default on the frontier with less confidence order, run at the
+# default's full depth (every attack, budget and attacker seed), so that choosing between
+# the two is a measurement: six levels, one per nine from 0.9 (the default before this one).
+ALTERNATIVE = DefenseSpec("coarse_confidence", {"edges": [0.9, 0.99, 0.999, 0.9999, 0.99999]})
+# Its neighbour on the other side, for operators who want more confidence order: sixteen
+# levels, the default's and two per nine on to 0.9999999 (Spearman of the served top 0.996
+# on MNIST and 0.995 on digits, against the default's 0.986 and 0.930), measured at the same
+# depth so that its price is stated, not guessed.
+RICHER = DefenseSpec("coarse_confidence", {"edges": [
+    0.5, 0.7, 0.9, 0.97, 0.99, 0.997, 0.999, 0.9997, 0.9999, 0.99997, 0.99999, 0.999997,
+    0.999999, 0.9999997, 0.9999999]})
+# Earlier defaults, on the frontier: four levels and three.
+FOUR_LEVELS = DefenseSpec("coarse_confidence", {"edges": [0.9, 0.999, 0.99999]})
+PREVIOUS = DefenseSpec("coarse_confidence", {"edges": [0.999, 0.99999]})  # three levels
 FULL_STAGE = "full"  # the policies of FULL_DEPTH; the report tells them apart by defense
 FULL_DEPTH = {"default": DEFAULT, "alternative": ALTERNATIVE, "richer": RICHER}
 VICTIM_FILE, VICTIM_META = "victim.pt", "victim.json"
@@ -64,6 +70,8 @@ FRONTIER = (
     NO_DEFENSE,
     DefenseSpec("coarse_confidence", {"edges": []}),
     DefenseSpec("coarse_confidence", {"edges": [0.99999]}),
+    PREVIOUS,
+    FOUR_LEVELS,
     ALTERNATIVE,
     DEFAULT,
     RICHER,

@@ -29,15 +29,17 @@ def interval(values) -> tuple[float, float]:
 
 def _short_label(defense: dict) -> str:
     """A defense by the parameters that tell policies apart: coarse_confidence's edges."""
-    edges = [f"{v:g}" for k, v in sorted(defense["params"].items()) if k.startswith("edge_")]
+    edges = [f"{v:.10g}" for _, v in sorted((int(k[5:]), v) for k, v in
+                                            defense["params"].items()
+                                            if k.startswith("edge_"))]  # edge_10 after edge_9
     if defense["name"] == "coarse_confidence":
         return f"coarse_confidence, edges {' / '.join(edges) or 'none'}"
     return _defense_label(defense)
 
 
 def _defense_label(defense: dict) -> str:
-    params = ", ".join(f"{k} {v:g}" for k, v in defense["params"].items()
-                       if k != "preserve_top1")
+    params = ", ".join(f"{k} {v:.10g}" if k.startswith("edge_") else f"{k} {v:g}"
+                       for k, v in defense["params"].items() if k != "preserve_top1")
     return f"{defense['name']}({params})" if params else defense["name"]
 
 
@@ -203,12 +205,13 @@ def _floor_lines(floor: dict | None) -> list[str]:
             f"{floor['runner_up']:.3f} ({floor['runner_up_by']})."]
 
 
-def _calibration_lines(rows: list[dict], floor: dict | None) -> list[str]:
+def _calibration_lines(rows: list[dict], floor: dict | None,
+                       beaten: list[dict] = ()) -> list[str]:
     """What `stealguard-attack calibrate --from-contract` chooses from this frontier."""
     from stealguard.attacks.calibrate import FrontierError, choose_from_frontier
 
     try:
-        choice = choose_from_frontier(rows, floor=floor)
+        choice = choose_from_frontier(rows, floor=floor, beaten=beaten)
     except FrontierError as e:
         return [f"`stealguard-attack calibrate --from-contract` cannot choose yet: {e}."]
     return [f"`stealguard-attack calibrate --from-contract` chooses **{choice['defense']}**: "
@@ -313,7 +316,8 @@ def write(out: Path, meta: dict) -> str:
         "inversion at the frontier budget, mean over the frontier seeds.", "",
         *_floor_lines(floor), "",
         *_frontier_table(front), "",
-        *_calibration_lines(front, floor), "",
+        *_calibration_lines(front, floor, [FULL_DEPTH[name].describe() for name in FULL_DEPTH
+                                           if beaten[name]]), "",
         f"## The default, {label['default']}, under every attack", "",
         *_stage_table(groups, ("floor", "default")), "",
         "### Checks", "",

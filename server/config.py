@@ -26,11 +26,12 @@ from stealguard.server.settings import (
 
 __all__ = ["DEFAULT_POLICY", "Config", "ConfigError", "load_config"]
 
-# The default: the label with a margin, the confidence on four levels, the rest keyed
-# (README, "Choosing the default"; measured in attacks/results/*/contract.md).
+# The default: the label with a margin, the confidence on twelve levels (0.5, 0.7, then two
+# per nine from 0.9 to 0.99999), the rest keyed (README, "The utility contract"; measured in
+# attacks/results/*/contract.md).
 DEFAULT_POLICY: dict[str, Any] = {
     "defense": "coarse_confidence",
-    "edges": [0.9, 0.999, 0.99999],
+    "edges": [0.5, 0.7, 0.9, 0.97, 0.99, 0.997, 0.999, 0.9997, 0.9999, 0.99997, 0.99999],
     "margin": 0.02,
 }
 # Keys of the default policy that flags and environment may set.

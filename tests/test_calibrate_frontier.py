@@ -88,3 +88,24 @@ def test_the_cli_prints_a_policy_the_sidecar_loads(tmp_path):
                             str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and "no " in wrong.stderr and "Traceback" not in wrong.stderr
     assert wrong.stderr.count("\n") == 1
+
+
+def test_a_defense_beaten_at_full_depth_is_not_chosen():
+    from stealguard.attacks.calibrate import beaten_at_depth
+
+    good = {"defense": "coarse_confidence(six)", "spec": {"name": "coarse_confidence", "p": 6},
+            "served_margin_ok": 1.0, "label_kept_round2": 1.0, "label_kept_float32": 1.0,
+            "spearman_top": 0.9, "top_error": 0.01, "best_agreement": 0.90,
+            "best_runner_up": 0.30, "best_agreement_by": "sample",
+            "best_runner_up_by": "sample", "config": {"defense": "coarse_confidence"}}
+    finer = {**good, "defense": "coarse_confidence(sixteen)",
+             "spec": {"name": "coarse_confidence", "p": 16}, "spearman_top": 0.99}
+    floor = {"agreement": 0.90, "runner_up": 0.30}
+    assert choose_from_frontier([good, finer], floor=floor)["defense"] == finer["defense"]
+    report = {"richer": finer["spec"], "default": good["spec"], "checks": {
+        "richer": [{"beats": False}, {"beats": True}], "default": [{"beats": False}],
+        "paper": [{"beats": True}]}}
+    assert beaten_at_depth(report) == [finer["spec"]]
+    choice = choose_from_frontier([good, finer], floor=floor, beaten=beaten_at_depth(report))
+    assert choice["defense"] == good["defense"]
+    assert "1 more left out: beaten at full depth, coarse_confidence(sixteen)" in choice["reason"]

@@ -12,7 +12,10 @@ def test_defaults_protect_everything_with_coarse_confidence():
     config = load_config(env={})
     assert config.listen == "127.0.0.1:50051"
     assert config.policies == {
-        "default": {"defense": "coarse_confidence", "edges": [0.9, 0.999, 0.99999], "margin": 0.02}
+        "default": {"defense": "coarse_confidence",
+                    "edges": [0.5, 0.7, 0.9, 0.97, 0.99, 0.997, 0.999, 0.9997, 0.9999,
+                              0.99997, 0.99999],
+                    "margin": 0.02}
     }
 
 

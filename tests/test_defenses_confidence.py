@@ -88,7 +88,8 @@ def test_default_values_are_midpoints_in_nines():
     ({"edges": [1.0]}, "edges must lie strictly between 0 and 1"),
     ({"edges": "0.9"}, "edges must be a list of numbers"),
     ({"values": [0.5]}, "values must have one entry per level"),
-    ({"values": [0.9, 0.8, 0.99, 0.999]}, "values must not decrease"),
+    ({"edges": [0.9, 0.99, 0.999], "values": [0.9, 0.8, 0.99, 0.999]},
+     "values must not decrease"),
     ({"margin": 0.5}, "margin must be a number in [0.005, 0.25]"),
 ])
 def test_bad_parameters_name_the_parameter(params, message):
@@ -100,3 +101,11 @@ def test_params_are_flat_numbers_for_list_policies():
     params = make_defense("coarse_confidence", edges=[0.9]).params
     assert params == {"edge_1": 0.9, "value_1": pytest.approx(1 - 10 ** -0.5),
                       "value_2": pytest.approx(1 - 10 ** -1.5), "margin": 0.02}
+
+
+def test_the_defense_and_the_config_agree_on_the_default_levels():
+    from stealguard.server.config import DEFAULT_POLICY
+    from stealguard.server.defenses.confidence import DEFAULT_EDGES
+
+    assert list(DEFAULT_EDGES) == DEFAULT_POLICY["edges"]
+    assert make_defense("coarse_confidence").edges == DEFAULT_EDGES

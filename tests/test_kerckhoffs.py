@@ -152,3 +152,16 @@ def test_the_full_stage_plans_every_attack_on_each_policy_at_each_seed():
     assert {s for _, _, s in full} == {0, 7}
     floors = {(p.strategy, p.seed) for p in plans if p.stage == "floor"}
     assert {s for _, s in floors} == {0, 7}
+
+
+def test_a_policys_short_label_lists_its_edges_in_order_past_nine():
+    from stealguard.attacks.contract_report import _short_label
+    from stealguard.server.defenses import make_defense
+
+    params = make_defense("coarse_confidence", edges=[  # the richer policy: fifteen edges
+        0.5, 0.7, 0.9, 0.97, 0.99, 0.997, 0.999, 0.9997, 0.9999, 0.99997, 0.99999, 0.999997,
+        0.999999, 0.9999997, 0.9999999]).params
+    label = _short_label({"name": "coarse_confidence", "params": params})
+    assert label == "coarse_confidence, edges 0.5 / 0.7 / 0.9 / 0.97 / 0.99 / 0.997 / " \
+        "0.999 / 0.9997 / 0.9999 / 0.99997 / 0.99999 / 0.999997 / 0.999999 / " \
+        "0.9999997 / 0.9999999"

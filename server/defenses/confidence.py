@@ -133,6 +133,12 @@ def _numbers(name: str, value: object) -> tuple[float, ...]:
     return tuple(in_range(f"{name}[{i}]", v, 0.0, 1.0) for i, v in enumerate(value))
 
 
+#: The default levels: 0.5 and 0.7, then two per nine (1 - 10^-k at whole and half k, rounded)
+#: from 0.9 to 0.99999; twelve levels (README, "The utility contract"; measured in
+#: attacks/results/*/contract.md).
+DEFAULT_EDGES = (0.5, 0.7, 0.9, 0.97, 0.99, 0.997, 0.999, 0.9997, 0.9999, 0.99997, 0.99999)
+
+
 class CoarseConfidence(Defense):
     """The label with a margin, its confidence on len(edges) + 1 levels, the rest keyed.
 
@@ -148,7 +154,7 @@ class CoarseConfidence(Defense):
     _serial = staticmethod(coarse_confidence_serial)
     _parallel = staticmethod(coarse_confidence_parallel)
 
-    def __init__(self, edges: Sequence[float] = (0.9, 0.999, 0.99999),
+    def __init__(self, edges: Sequence[float] = DEFAULT_EDGES,
                  values: Sequence[float] | None = None, margin: float = 0.02,
                  *, secret: bytes = b""):
         self.edges = _numbers("edges", edges)
