@@ -79,7 +79,9 @@ class RecordingOracle(LocalOracle):
         self.answers: list[np.ndarray] = []
 
     def _answer(self, x: np.ndarray) -> np.ndarray:
-        probs = super()._answer(x)
+        return self._record(x, super()._answer(x))
+
+    def _record(self, x: np.ndarray, probs: np.ndarray) -> np.ndarray:
         self.inputs.append(x.copy())
         self.answers.append(probs)
         return probs
@@ -109,9 +111,7 @@ class EscalatingOracle(RecordingOracle):
         if self.alarmed_at is not None:
             labels = np.arange(before + 1, before + len(x) + 1) >= self.alarmed_at
             probs[labels] = one_hot(probs[labels])
-        self.inputs.append(x.copy())
-        self.answers.append(probs)
-        return probs
+        return self._record(x, probs)
 
 
 def surrogate_digits() -> np.ndarray:
