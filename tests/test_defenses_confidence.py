@@ -109,3 +109,104 @@ def test_the_defense_and_the_config_agree_on_the_default_levels():
 
     assert list(DEFAULT_EDGES) == DEFAULT_POLICY["edges"]
     assert make_defense("coarse_confidence").edges == DEFAULT_EDGES
+
+
+# -------------------------------------------------- the keyed rest, against a Python reference
+
+M64 = (1 << 64) - 1
+
+
+def _rotl(x, b):
+    return ((x << b) | (x >> (64 - b))) & M64
+
+
+def _siphash24(k0: int, k1: int, message: bytes) -> int:
+    """SipHash-2-4 as its paper specifies it, in plain Python."""
+    v = [k0 ^ 0x736F6D6570736575, k1 ^ 0x646F72616E646F6D,
+         k0 ^ 0x6C7967656E657261, k1 ^ 0x7465646279746573]
+
+    def rounds(count):
+        for _ in range(count):
+            v[0] = (v[0] + v[1]) & M64
+            v[1] = _rotl(v[1], 13) ^ v[0]
+            v[0] = _rotl(v[0], 32)
+            v[2] = (v[2] + v[3]) & M64
+            v[3] = _rotl(v[3], 16) ^ v[2]
+            v[0] = (v[0] + v[3]) & M64
+            v[3] = _rotl(v[3], 21) ^ v[0]
+            v[2] = (v[2] + v[1]) & M64
+            v[1] = _rotl(v[1], 17) ^ v[2]
+            v[2] = _rotl(v[2], 32)
+
+    tail = len(message) % 8
+    blocks = [int.from_bytes(message[i:i + 8], "little")
+              for i in range(0, len(message) - tail, 8)]
+    blocks.append(int.from_bytes(message[len(message) - tail:], "little")
+                  | ((len(message) & 0xFF) << 56))
+    for m in blocks:
+        v[3] ^= m
+        rounds(2)
+        v[0] ^= m
+    v[2] ^= 0xFF
+    rounds(4)
+    return v[0] ^ v[1] ^ v[2] ^ v[3]
+
+
+def _nh_siphash24(k0, k1, nh_key, row: np.ndarray) -> int:
+    words = np.frombuffer(row.tobytes(), "<u4").tolist()
+    digests = b""
+    for first in range(0, len(words), 64):
+        chunk = words[first:first + 64]
+        chunk += [0] * (len(chunk) % 2)
+        key = [int(x) for x in nh_key[:len(chunk)]]
+        d = sum(((chunk[i] + key[i]) & 0xFFFFFFFF) * ((chunk[i + 1] + key[i + 1]) & 0xFFFFFFFF)
+                for i in range(0, len(chunk), 2))
+        digests += (d & M64).to_bytes(8, "little")
+    return _siphash24(k0, k1, digests)
+
+
+def test_the_siphash_reference_gives_the_papers_test_vector():
+    key = bytes(range(16))
+    k0, k1 = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little")
+    assert _siphash24(k0, k1, bytes(range(15))) == 0xA129CA6149BE45E5
+
+
+@pytest.mark.parametrize("dtype, k", [(np.float32, 2), (np.float32, 3), (np.float32, 10),
+                                      (np.float32, 129), (np.float64, 10), (np.float64, 33)])
+def test_rest_is_the_published_construction_on_the_row_bytes(dtype, k):
+    """The served rest is splitmix64 draws seeded by NH-then-SipHash-2-4 of the row bytes."""
+    from numba import njit
+    from stealguard.server.defenses._fastmath import nh_siphash24
+
+    defense = make_defense("coarse_confidence", secret=b"reference")
+    _, _, margin, nh_key, k0, k1 = defense._kernel_args(dtype)
+
+    @njit
+    def seed(y, key, a, b):
+        return nh_siphash24(y, 0, y.size, key, a, b)
+
+    rng = np.random.default_rng(k)
+    row = rng.dirichlet(np.ones(k)).astype(dtype)
+    want = _nh_siphash24(int(k0), int(k1), nh_key, row)
+    assert int(seed(row, nh_key, k0, k1)) == want
+
+    # the weights: four 16-bit draws from each splitmix64 output, the top class skipped
+    def splitmix(i):
+        z = (want + (i + 1) * 0x9E3779B97F4A7C15) & M64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+        return z ^ (z >> 31)
+
+    top = int(row.argmax())
+    w = np.array([0.0 if j == top else ((splitmix(j // 4) >> (16 * (j % 4))) & 0xFFFF) + 1.0
+                  for j in range(k)])
+    served = defense(row).astype(np.float64)
+    t = served[top]
+    rest = 1.0 - t
+    share = rest / (k - 1)
+    peak = rest * w.max() / w.sum()
+    lam = 1.0 if peak <= t - margin else (t - margin - share) / (peak - share)
+    want_rest = lam * rest * w / w.sum() + (1.0 - lam) * share
+    others = np.arange(k) != top
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(served[others], want_rest[others], rtol=0, atol=tol)

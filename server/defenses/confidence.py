@@ -12,9 +12,10 @@ For a row y of K >= 2 probabilities with top class c = numpy.argmax(y):
     q_c    = t
 
 What an answer discloses, by construction, is the label and the level of its confidence,
-nothing else. The weights w_j are exponential draws (so w / sum(w) is Dirichlet(1)) from
-a stream seeded by SipHash-2-4 of the row's bytes under a key derived from the server
-secret, the defense's name and its parameters (as the noise defenses, `noise.row_key`).
+nothing else. The weights w_j are uniform draws from 1..65536, four from each output of a
+splitmix64 stream seeded by the keyed PRF `nh_siphash24` of the row's bytes (NH, then
+SipHash-2-4) under keys derived from the server secret, the defense's name and its
+parameters (`noise.key_bytes`).
 They do not depend on the values of the other classes at all, so there is no formula to
 invert: knowing the algorithm and its published parameters, an attacker learns from the
 other classes only a pseudo-random function of the input bytes, and repeating a query, or
@@ -37,64 +38,66 @@ import numpy as np
 from numba import njit, prange
 
 from ._base import Defense, in_range
-from ._fastmath import siphash24, uniform01
+from ._fastmath import NH_WORDS, nh_siphash24, splitmix64
 from ._validation import check_row
-from .noise import row_key
+from .noise import key_bytes, row_key
 
 BLOCK_VALUES = 1 << 14  # values per parallel work item (rows are never split)
+_U16 = np.uint64(0xFFFF)
 
 
 @njit(inline="always")
-def _row(y, out, base, k, top, edges, values, margin, k0, k1):
+def _row(y, out, base, k, top, edges, values, margin, nh, k0, k1):
     p = np.float64(y[base + top])
     level = 0
     for e in edges:
         level += p >= e
-    t = max(values[level], (1.0 + margin * (k - 1)) / k)
-    t = min(t, 1.0)
+    t = min(max(values[level], (1.0 + margin * (k - 1)) / k), 1.0)
     rest = 1.0 - t
-    seed = siphash24(k0, k1, y, base, k)
+    seed = nh_siphash24(y, base, k, nh, k0, k1)
     total = 0.0
     largest = 0.0
-    for j in range(k):
-        w = 0.0 if j == top else -math.log(1.0 - uniform01(seed, j))
-        out[base + j] = w  # weights first; out is float64 scratch only when y is
-        total += w
-        largest = max(largest, w)
+    for first in range(0, k, 4):  # four 16-bit weights from each splitmix64 output
+        draws = splitmix64(seed, first >> 2)
+        for j in range(first, min(k, first + 4)):
+            w = np.float64(draws & _U16) + 1.0
+            draws >>= np.uint64(16)
+            w = 0.0 if j == top else w
+            out[base + j] = w  # weights first; out is float64 scratch only when y is
+            total += w
+            largest = max(largest, w)
     share = rest / (k - 1)
     cap = t - margin
     lam = 1.0
-    if total > 0.0:
-        peak = rest * largest / total
-        if peak > cap:
-            lam = (cap - share) / (peak - share)
-    scale = lam * rest / total if total > 0.0 else 0.0
+    peak = rest * largest / total
+    if peak > cap:
+        lam = (cap - share) / (peak - share)
+    scale = lam * rest / total
+    offset = (1.0 - lam) * share
     for j in range(k):
-        if j == top:
-            out[base + j] = t
-        else:
-            out[base + j] = scale * np.float64(out[base + j]) + (1.0 - lam) * share
+        out[base + j] = scale * np.float64(out[base + j]) + offset
+    out[base + top] = t
 
 
 @njit(inline="always")
-def _rows(y, out, k, first, last, check, edges, values, margin, k0, k1):
+def _rows(y, out, k, first, last, check, edges, values, margin, nh, k0, k1):
     for i in range(first, last):
         base = i * k
         valid, top = check_row(y, base, k)
         if check and not valid:
             return i
-        _row(y, out, base, k, top, edges, values, margin, k0, k1)
+        _row(y, out, base, k, top, edges, values, margin, nh, k0, k1)
     return -1
 
 
 @njit(cache=True, error_model="numpy")
-def coarse_confidence_serial(y, out, n, k, check, edges, values, margin, k0, k1):
+def coarse_confidence_serial(y, out, n, k, check, edges, values, margin, nh, k0, k1):
     """Coarse confidence of the flat (n, k) batch y into out, on this thread."""
-    return _rows(y, out, k, 0, n, check, edges, values, margin, k0, k1)
+    return _rows(y, out, k, 0, n, check, edges, values, margin, nh, k0, k1)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def coarse_confidence_parallel(y, out, n, k, check, edges, values, margin, k0, k1):
+def coarse_confidence_parallel(y, out, n, k, check, edges, values, margin, nh, k0, k1):
     """Coarse confidence of the flat (n, k) batch y into out, blocks of rows in parallel."""
     rows_per_block = max(1, BLOCK_VALUES // k)
     blocks = (n + rows_per_block - 1) // rows_per_block
@@ -102,7 +105,7 @@ def coarse_confidence_parallel(y, out, n, k, check, edges, values, margin, k0, k
     for b in prange(blocks):
         first = b * rows_per_block
         bad[b] = _rows(y, out, k, first, min(n, first + rows_per_block), check,
-                       edges, values, margin, k0, k1)
+                       edges, values, margin, nh, k0, k1)
     for b in range(blocks):
         if bad[b] >= 0:
             return bad[b]
@@ -174,6 +177,8 @@ class CoarseConfidence(Defense):
                              f"got {list(values)}")
         self.margin = in_range("margin", margin, 0.005, 0.25)
         self._key = row_key(secret, self.name, self.params)
+        self._nh = np.frombuffer(key_bytes(secret, self.name, self.params, 4 * NH_WORDS,
+                                           b"nh"), np.uint32).copy()
         self._edges = np.array(self.edges, np.float64)
         self._values = np.array(self.values, np.float64)
         super().__init__()
@@ -187,4 +192,4 @@ class CoarseConfidence(Defense):
         return out
 
     def _kernel_args(self, dtype) -> tuple:
-        return (self._edges, self._values, self.margin, self._key[0], self._key[1])
+        return (self._edges, self._values, self.margin, self._nh, self._key[0], self._key[1])

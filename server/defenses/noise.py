@@ -24,8 +24,13 @@ UNIFORM, CONCAVE, CONVEX, GAUSSIAN, RANKED = 0, 1, 2, 3, 4
 BLOCK_VALUES = 1 << 13
 
 
-def row_key(secret: bytes, name: str, params: dict[str, float]) -> tuple[np.uint64, np.uint64]:
-    """The 128-bit SipHash key of a defense: blake2b(name + params) keyed by the secret."""
+def key_bytes(secret: bytes, name: str, params: dict[str, float], size: int = 16,
+              purpose: bytes = b"") -> bytes:
+    """`size` secret bytes for a defense: blake2b(name + params) keyed by the server secret.
+
+    `purpose` separates independent keys of one defense (blake2b's personalisation);
+    sizes above 64 bytes are blake2b in counter mode, so a longer key extends a shorter one.
+    """
     if isinstance(secret, str):
         secret = secret.encode()
     if not isinstance(secret, (bytes, bytearray)):
@@ -33,7 +38,17 @@ def row_key(secret: bytes, name: str, params: dict[str, float]) -> tuple[np.uint
     if len(secret) > 64:  # blake2b keys are at most 64 bytes
         secret = hashlib.blake2b(secret).digest()
     message = repr((name, sorted(params.items()))).encode()
-    digest = hashlib.blake2b(message, key=bytes(secret), digest_size=16).digest()
+    if size <= 64:
+        return hashlib.blake2b(message, key=bytes(secret), digest_size=size,
+                               person=purpose).digest()
+    blocks = (hashlib.blake2b(message + i.to_bytes(4, "little"), key=bytes(secret),
+                              person=purpose).digest() for i in range((size + 63) // 64))
+    return b"".join(blocks)[:size]
+
+
+def row_key(secret: bytes, name: str, params: dict[str, float]) -> tuple[np.uint64, np.uint64]:
+    """The 128-bit SipHash key of a defense (`key_bytes`, no purpose)."""
+    digest = key_bytes(secret, name, params)
     return (np.uint64(int.from_bytes(digest[:8], "little")),
             np.uint64(int.from_bytes(digest[8:], "little")))
 
