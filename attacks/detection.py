@@ -37,7 +37,8 @@ from stealguard.attacks.oracles import LocalOracle
 from stealguard.attacks.strategies import Attacker, one_hot
 from stealguard.attacks.training import TrainConfig, predict
 from stealguard.modelserver.datasets import Dataset
-from stealguard.server.detection import Prada
+from stealguard.server.detection import ClassMix, Prada
+from stealguard.server.detection.classmix import MIN_QUERIES, WINDOW
 from torch import nn
 
 #: attack name -> (strategy of attacks.strategies, where its samples come from)
@@ -184,24 +185,27 @@ def evaluate(ds: Dataset, model: nn.Module, plan: Plan,
 
     log(f"calibration: {plan.clients} clients x {plan.client_queries} of the owner's "
         f"{len(ds.base_x)} training images")
-    calibration = [scores(detector, f"calibration-{i}", model, x) for i, x in
-                   enumerate(benign_clients(ds.base_x, plan.clients, plan.client_queries,
-                                            plan.seed + 1))]
+    calibration_x = benign_clients(ds.base_x, plan.clients, plan.client_queries, plan.seed + 1)
+    calibration_answers = [predict(model, x) for x in calibration_x]
+    calibration = [scores(detector, f"calibration-{i}", model, x, a) for i, (x, a) in
+                   enumerate(zip(calibration_x, calibration_answers, strict=True))]
     delta = choose_delta(calibration)
     log(f"  delta = {delta:.2f} (smallest calibration W "
         f"{min(np.nanmin(w) for w in calibration):.4f})")
 
     log(f"benign: {plan.clients} clients x the {len(ds.test_x)} held-out test images")
-    benign = [scores(detector, f"benign-{i}", model, x) for i, x in
-              enumerate(benign_clients(ds.test_x, plan.clients, plan.client_queries,
-                                       plan.seed + 2))]
+    benign_x = benign_clients(ds.test_x, plan.clients, plan.client_queries, plan.seed + 2)
+    benign_answers = [predict(model, x) for x in benign_x]
+    benign = [scores(detector, f"benign-{i}", model, x, a) for i, (x, a) in
+              enumerate(zip(benign_x, benign_answers, strict=True))]
     alarmed = [first_alarm(w, delta) for w in benign]
 
-    rows = []
+    rows, attack_answers = [], []
     for attack in plan.attacks:
         started = time.perf_counter()
         run = steal(attack, model, ds, plan)
         w = scores(detector, f"attack-{attack}", model, run["queries"], run["answers"])
+        attack_answers.append(predict(model, run["queries"]))  # raw, also under ArgmaxSample
         detected = first_alarm(w, delta)
         row = {
             "attack": attack,
@@ -232,7 +236,10 @@ def evaluate(ds: Dataset, model: nn.Module, plan: Plan,
               "benign_alarms": int(sum((w[~np.isnan(w)] < d).sum() for w in benign)),
               "queries_to_detect": {r["attack"]: first_alarm(r["w"], d) for r in rows}}
              for d in sorted({*SWEEP, delta, hindsight})]
+    mix = class_mix(predict(model, ds.base_x), calibration_answers, benign_answers,
+                    attack_answers, rows)
     return {
+        "class_mix": mix,
         "delta": delta,
         "hindsight_delta": hindsight,
         "hindsight_rule": "largest value on the 0.01 grid with no alarm among the benign test "
@@ -249,6 +256,45 @@ def evaluate(ds: Dataset, model: nn.Module, plan: Plan,
                    "alarmed_at": alarmed},
         "attacks": rows,
     }
+
+
+def class_mix(owner: np.ndarray, calibration: list[np.ndarray], benign: list[np.ndarray],
+              attacks: list[np.ndarray], rows: list[dict]) -> dict:
+    """The output-only signal (`ClassMix`) on the same streams: the reference mix is the
+    victim's classes on all the owner's training images, the threshold the largest G any
+    calibration client reaches, rounded up to the 0.5 grid (chosen before benign and attack
+    streams are scored); alarms are G above it. Adds each attack row's "classmix" entry:
+    queries to detect, and the first alarm of either signal."""
+    classes = owner.shape[1]
+    prior = np.bincount(owner.argmax(1), minlength=classes) / len(owner)
+
+    def trajectories(streams, name):
+        # the threshold only decides alarms; the trajectories come before it is known
+        detector = ClassMix(classes, threshold=float(np.finfo(np.float64).max), prior=prior,
+                            max_principals=len(streams))
+        return [detector.observe(f"{name}-{i}", a.argmax(1)).scores
+                for i, a in enumerate(streams)]
+
+    def first_above(g: np.ndarray, threshold: float) -> int | None:
+        above = np.flatnonzero(g > threshold)
+        return int(above[0]) + 1 if len(above) else None
+
+    cal = trajectories(calibration, "calibration")
+    threshold = math.ceil(max(float(np.nanmax(g)) for g in cal) * 2) / 2
+    ben = trajectories(benign, "benign")
+    for row, g in zip(rows, trajectories(attacks, "attack"), strict=True):
+        q = first_above(g, threshold)
+        either = [v for v in (q, row["queries_to_detect"]) if v is not None]
+        row["classmix"] = {"queries_to_detect": q, "max_g": float(np.nanmax(g)),
+                           "final_g": float(g[-1]), "either": min(either) if either else None}
+    return {"threshold": threshold, "prior": [round(float(v), 4) for v in prior],
+            "min_queries": MIN_QUERIES, "window": WINDOW,
+            "rule": "largest G any calibration client reaches, rounded up to the 0.5 grid, "
+                    "chosen before the benign and attack streams were scored",
+            "calibration_max_g": max(float(np.nanmax(g)) for g in cal),
+            "benign_max_g": max(float(np.nanmax(g)) for g in ben),
+            "benign_alarmed_clients": sum(first_above(g, threshold) is not None for g in ben),
+            "benign_alarms": int(sum((g[~np.isnan(g)] > threshold).sum() for g in ben))}
 
 
 def _escalated(attack: str, model: nn.Module, ds: Dataset, plan: Plan, delta: float,
@@ -308,7 +354,7 @@ def render(result: dict, meta: dict) -> str:
     """report.md."""
     delta, benign, cal = result["delta"], result["benign"], result["calibration"]
     lines = [
-        "# PRADA against the attack suite (MNIST)",
+        "# PRADA and the class mix against the attack suite (MNIST)",
         "",
         f"`{meta['command']}` ({meta['seconds']:.0f} s, torch threads {meta['torch_threads']}); "
         f"victim `{meta['victim']}`, undefended.",
@@ -370,6 +416,29 @@ def render(result: dict, meta: dict) -> str:
         lines.append(f"| {row['delta']:.2f} | {row['calibration_alarmed_clients']} | "
                      f"{row['benign_alarmed_clients']} | {row['benign_alarms']} | "
                      + " | ".join("-" if q is None else str(q) for q in detect) + " |")
+    mix = result.get("class_mix")
+    if mix:
+        lines += [
+            "",
+            "## The output-only signal: class mix",
+            "",
+            f"`ClassMix` (G-test of the classes a principal was answered over its last "
+            f"{mix['window']} answers, against the victim's class mix on the owner's "
+            f"training images; scored from {mix['min_queries']} answers). **Threshold G > "
+            f"{mix['threshold']:g}**: {mix['rule']} (calibration max "
+            f"{mix['calibration_max_g']:.2f}). Benign: **{mix['benign_alarmed_clients']} of "
+            f"{benign['clients']} clients alarmed, {mix['benign_alarms']} alarms** (largest G "
+            f"{mix['benign_max_g']:.2f}).",
+            "",
+            "| stream | queries to detect, class mix | PRADA | either | largest G | final G |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in result["attacks"]:
+            m = r["classmix"]
+            lines.append(
+                f"| {r['attack']} | {m['queries_to_detect'] or '-'} | "
+                f"{r['queries_to_detect'] or '-'} | {m['either'] or '-'} | "
+                f"{m['max_g']:.1f} | {m['final_g']:.1f} |")
     lines += [
         "",
         "![W against queries](detection_w.png)",

@@ -51,28 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"threads per forward pass (default {defaults.torch_threads})")
     parser.add_argument("--max-batch", dest="max_batch",
                         help=f"most samples in one request (default {defaults.max_batch})")
-    group = parser.add_argument_group("extraction detection (off by default)")
-    group.add_argument("--detect", choices=["off", "prada"],
-                       help="detector on the protected models' inputs (default off)")
-    group.add_argument("--detect-delta", dest="detect_delta",
-                       help=f"PRADA alarms when W is below this, in (0, 1] "
-                       f"(default {defaults.detect_delta})")
-    group.add_argument("--escalate",
-                       help="escalation ladder, comma separated: watch, labels, refuse or a "
-                       "sidecar policy name (default watch)")
-    group.add_argument("--escalate-after", dest="escalate_after",
-                       help="alarmed queries for each step after the first "
-                       f"(default {defaults.escalate_after})")
-    group.add_argument("--detect-cooldown", dest="detect_cooldown",
-                       help="seconds without an alarm for each step down; 0: never "
-                       f"(default {defaults.detect_cooldown:g})")
-    group.add_argument("--detect-allow", dest="detect_allow", action="append",
-                       help="a principal that never escalates (repeatable)")
-    group.add_argument("--detect-dry-run", dest="detect_dry_run", action="store_const",
-                       const=True, help="detect, log and count, but change no answer")
-    group.add_argument("--detect-principals", dest="detect_principals",
-                       help="principals each model's detector keeps, least recently seen "
-                       f"dropped first (default {defaults.detect_principals})")
     parser.add_argument("--prepare", action="store_true",
                         help="create the default models in the store (training once), then exit")
     add_server_flags(parser, listen=defaults.listen,

@@ -24,7 +24,6 @@ from stealguard.server.settings import ConfigError, ServerSettings, load_setting
 DEFAULT_METRICS_PORT = 8082
 PREFIX = "STEALGUARD_MODELSERVER_"
 TRANSPORTS = ("stream", "unary")
-DETECTORS = ("off", "prada")
 
 
 @dataclass
@@ -53,36 +52,8 @@ class ServerConfig(ServerSettings):
                                 factory=lambda: cache_root() / "model-store")
     torch_threads: int = setting(2, "int", min=1)
     max_batch: int = setting(1024, "int", min=1)  # samples per request; below max_rows
-    # Extraction detection (stealguard.modelserver.watch), off by default: PRADA on the
-    # protected models' inputs, W below detect_delta an alarm; the escalation ladder
-    # (default: watch only) climbs at the first alarm and a step per escalate_after more;
-    # a step down per detect_cooldown seconds without one (0: never); detect_allow never
-    # escalates; detect_dry_run logs and counts, changes nothing; detect_principals: the
-    # principals each model's detector keeps.
-    detect: str = setting("off", "choice", choices=DETECTORS)
-    detect_delta: float = setting(0.94, "float", positive=True)
-    escalate: list = setting(kind="list", factory=list)
-    escalate_after: int = setting(100, "int", min=1)
-    detect_cooldown: float = setting(600.0, "duration", min=0)
-    detect_allow: list = setting(kind="list", factory=list)
-    detect_dry_run: bool = setting(False, "bool")
-    detect_principals: int = setting(256, "int", min=1)
 
     PAIRS = (("tls_cert", "tls_key"), ("sidecar_tls_cert", "sidecar_tls_key"))
-
-    def check(self) -> None:
-        super().check()
-        if self.detect_delta > 1:
-            raise ConfigError(f"--detect-delta: must be in (0, 1], got {self.detect_delta}")
-        if self.escalate and self.detect == "off":
-            raise ConfigError("--escalate needs a detector: add --detect prada")
-        if self.escalate:
-            from stealguard.server.detection.escalation import parse_steps
-
-            try:
-                parse_steps(self.escalate)
-            except ValueError as error:
-                raise ConfigError(f"--escalate: {error}") from None
 
     def read_sidecar_token(self) -> str | None:
         """The token in `sidecar_token_file` (None without one); ValueError naming the flag."""

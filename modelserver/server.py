@@ -20,7 +20,7 @@ from stealguard.modelserver.handler import Models
 from stealguard.modelserver.metrics import Recorder
 from stealguard.modelserver.servicer import InferenceServicer
 from stealguard.modelserver.store import ensure_default_models, read_store
-from stealguard.modelserver.watch import watch_of
+from stealguard.modelserver.watch import class_mix_of, watch_of
 from stealguard.server.core import ProtectCore
 from stealguard.server.metering.settings import meter_of, stream_guard
 from stealguard.server.platform import lifecycle
@@ -103,11 +103,13 @@ async def run_modelserver(config: ServerConfig, reload=None) -> None:
                         protected=[name for name, spec in specs.items() if spec.protected])
     limiter = meter_of(config)
     sidecar = sidecar_client(config)
-    watch = watch_of(config, specs.values())
+    watch = watch_of(config, specs.values())  # PRADA, on the inputs the handlers see
+    class_mix = class_mix_of(config)  # on the answers, in the core
+    observers = [o for o in (recorder if recorder.enabled else None, class_mix) if o]
     # one inference thread: each forward pass already uses torch_threads cores
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference") as executor:
-        core = ProtectCore(None, limiter=limiter,
-                           observers=[recorder] if recorder.enabled else [], escalation=watch)
+        core = ProtectCore(None, limiter=limiter, observers=observers,
+                           escalation=watch or class_mix)
         core.refuse(WARMING_UP)
         models = Models(specs, sidecar, executor, config.max_batch, recorder, core, watch)
         app = GrpcApp.from_settings(config, [INFERENCE_SERVICE], logger=log)

@@ -34,6 +34,10 @@ if TYPE_CHECKING:  # imported when detection is on: scipy takes half a second to
 log = logging.getLogger("stealguard.detection")
 
 SIGNAL = "prada"
+#: The most principals PRADA keeps per model: each may hold PRADA_VECTORS images (3 MB
+#: for MNIST), so this bounds a model's detector to about 200 MB.
+PRADA_PRINCIPALS = 64
+PRADA_VECTORS = 1000
 
 
 class Watch:
@@ -42,12 +46,13 @@ class Watch:
     detector keeps."""
 
     def __init__(self, ladder: Ladder, delta: float, specs: Iterable[ModelSpec],
-                 max_principals: int = 256):
+                 max_principals: int = PRADA_PRINCIPALS):
         from stealguard.server.detection import Prada
 
         self.ladder = ladder
         self.delta = delta
         self.detectors = {spec.name: Prada(math.prod(spec.input_shape), delta,
+                                           max_vectors=PRADA_VECTORS,
                                            max_principals=max_principals)
                           for spec in specs if spec.protected}
         for name, detector in self.detectors.items():
@@ -92,18 +97,23 @@ def _named(policy, name: str):
 
 
 def watch_of(config, specs: Iterable[ModelSpec]) -> Watch | None:
-    """The model server's `Watch` of the models `specs` for its settings (None with
-    `detect: off`)."""
-    if config.detect == "off":
+    """The model server's PRADA `Watch` of the models `specs` for its settings (None unless
+    `detect: prada`; `classmix` runs in the protect core, `class_mix_of`)."""
+    if config.detect != SIGNAL:
         return None
-    from stealguard.server.detection.escalation import WATCH, Ladder
+    from stealguard.server.detection.outputs import ladder_of
 
-    ladder = Ladder(config.escalate or [WATCH], after=config.escalate_after,
-                    cooldown=config.detect_cooldown, allow=config.detect_allow,
-                    dry_run=config.detect_dry_run, named=_named)
-    log.info("extraction detection: %s (delta %g) on protected models; ladder %s, a step "
-             "per %d alarmed queries, %s%s", config.detect, config.detect_delta,
-             " -> ".join(ladder.steps), ladder.after,
-             f"one step down per {ladder.cooldown:g}s without an alarm" if ladder.cooldown
-             else "no cool-down", "; dry run: nothing changes" if ladder.dry_run else "")
-    return Watch(ladder, config.detect_delta, specs, config.detect_principals)
+    kept = min(config.detect_principals, PRADA_PRINCIPALS)
+    if kept < config.detect_principals:
+        log.warning("prada keeps at most %d principals per model (--detect-principals %d is "
+                    "classmix's): each can hold %d stored images", kept,
+                    config.detect_principals, PRADA_VECTORS)
+    return Watch(ladder_of(config, _named), config.detect_delta, specs, kept)
+
+
+def class_mix_of(config):
+    """The protect core's `ClassMixWatch` for the model server (None unless `detect:
+    classmix`): its escalation steps name sidecar policies the way PRADA's do."""
+    from stealguard.server.detection.outputs import class_mix_watch
+
+    return class_mix_watch(config, _named)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from stealguard.server.config import Config, ConfigError, load_config
 from stealguard.server.metering.settings import add_metering_flags, check_metering
+from stealguard.server.settings import DETECTORS
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
@@ -79,6 +80,39 @@ def add_server_flags(parser: argparse.ArgumentParser, *, listen: str, config_env
                        help="metadata key naming the end client, believed only from a "
                        "gateway token or with --trust-client-header (default x-client-id)")
     add_metering_flags(parser)
+    add_detection_flags(parser)
+
+
+def add_detection_flags(parser: argparse.ArgumentParser) -> None:
+    """Extraction detection and escalation, the same flags on every server."""
+    group = parser.add_argument_group("extraction detection (off by default)")
+    group.add_argument("--detect", choices=DETECTORS,
+                       help="classmix: the classes each principal is answered (any server); "
+                       "prada: the protected models' inputs (the model server only); "
+                       "default off")
+    group.add_argument("--detect-threshold", dest="detect_threshold",
+                       help="classmix alarms when G is above this (default 23.5, what "
+                       "attacks/results/detection chose for MNIST's 10 classes)")
+    group.add_argument("--detect-prior", dest="detect_prior", action="append",
+                       help="classmix's reference class mix, one number per class in class "
+                       "order, comma separated or repeated (default uniform)")
+    group.add_argument("--detect-delta", dest="detect_delta",
+                       help="prada alarms when W is below this, in (0, 1] (default 0.94)")
+    group.add_argument("--escalate",
+                       help="escalation ladder, comma separated: watch, labels, refuse or a "
+                       "policy name (default watch)")
+    group.add_argument("--escalate-after", dest="escalate_after",
+                       help="alarmed queries for each step after the first (default 100)")
+    group.add_argument("--detect-cooldown", dest="detect_cooldown",
+                       help="seconds without an alarm for each step down; 0: never "
+                       "(default 600)")
+    group.add_argument("--detect-allow", dest="detect_allow", action="append",
+                       help="a principal that never escalates (repeatable)")
+    group.add_argument("--detect-dry-run", dest="detect_dry_run", action="store_const",
+                       const=True, help="detect, log and count, but change no answer")
+    group.add_argument("--detect-principals", dest="detect_principals",
+                       help="principals each detector keeps, least recently seen dropped "
+                       "first (default 10000; prada keeps at most 64, about 3 MB each)")
 
 
 def add_policy_flags(parser: argparse.ArgumentParser) -> None:

@@ -60,6 +60,12 @@ class Config(ServerSettings):
 
     PAIRS = (("tls_cert", "tls_key"), ("upstream_tls_cert", "upstream_tls_key"))
 
+    def check(self) -> None:
+        super().check()
+        if self.detect == "prada":
+            raise ConfigError("--detect prada: PRADA needs the model's inputs, which only "
+                              "stealguard-modelserver sees; use --detect classmix here")
+
     def secret_bytes(self) -> bytes:
         """The noise key as bytes (see `ensure_secret`)."""
         return self.secret.encode()

@@ -20,6 +20,7 @@ value is a `ConfigError` naming where it came from: `--flag`, `FILE: key` or `VA
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -47,6 +48,10 @@ def setting(default: Any = None, kind: str = "str", *, min: float | None = None,
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+#: The extraction detectors (`--detect`).
+DETECTORS = ("off", "classmix", "prada")
 
 
 @dataclass
@@ -101,6 +106,24 @@ class ServerSettings:
     max_calls_per_principal: int = setting(64, "int", min=0)
     max_streams_per_principal: int = setting(16, "int", min=0)
     stream_idle_timeout: float = setting(300.0, "duration", min=0)
+    # Extraction detection (stealguard.server.detection), off by default: `classmix` on the
+    # classes each principal is answered (every server), `prada` on the protected models'
+    # inputs (the model server only). An alarm is G above detect_threshold (classmix, against
+    # the detect_prior class mix, uniform when empty) or W below detect_delta (prada). The
+    # escalation ladder (default: watch only) climbs at the first alarm and a step per
+    # escalate_after more; a step down per detect_cooldown seconds without one (0: never);
+    # detect_allow never escalates; detect_dry_run logs and counts, changes nothing;
+    # detect_principals: the principals each detector keeps.
+    detect: str = setting("off", "choice", choices=DETECTORS)
+    detect_threshold: float = setting(23.5, "float", positive=True)
+    detect_prior: list = setting(kind="list", factory=list)
+    detect_delta: float = setting(0.94, "float", positive=True)
+    escalate: list = setting(kind="list", factory=list)
+    escalate_after: int = setting(100, "int", min=1)
+    detect_cooldown: float = setting(600.0, "duration", min=0)
+    detect_allow: list = setting(kind="list", factory=list)
+    detect_dry_run: bool = setting(False, "bool")
+    detect_principals: int = setting(10_000, "int", min=1)
 
     #: Fields that must be given together (flag names in the message).
     PAIRS = (("tls_cert", "tls_key"),)
@@ -119,6 +142,30 @@ class ServerSettings:
                 raise ConfigError(f"--metrics-listen {self.metrics_listen!r}: expected "
                                   "HOST:PORT")
             self.metrics_port = int(port)
+        self._check_detection()
+
+    def _check_detection(self) -> None:
+        if self.detect_delta > 1:
+            raise ConfigError(f"--detect-delta: must be in (0, 1], got {self.detect_delta}")
+        if self.escalate and self.detect == "off":
+            raise ConfigError("--escalate needs a detector: add --detect classmix")
+        if self.escalate:
+            from stealguard.server.detection.escalation import parse_steps
+
+            try:
+                parse_steps(self.escalate)
+            except ValueError as error:
+                raise ConfigError(f"--escalate: {error}") from None
+        try:
+            prior = [float(x) for v in self.detect_prior for x in str(v).split(",")
+                     if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--detect-prior: must be numbers (the class mix, one per "
+                              f"class), got {self.detect_prior}") from None
+        if prior and (len(prior) < 2 or min(prior) < 0 or not 0 < sum(prior) < math.inf):
+            raise ConfigError(f"--detect-prior: must be at least 2 non-negative numbers, not "
+                              f"all 0, got {self.detect_prior}")
+        self.detect_prior = prior
 
     @property
     def metrics_host(self) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from stealguard.server.config import Config
 from stealguard.server.core import ProtectCore
 from stealguard.server.defenses import warm_up
+from stealguard.server.detection.outputs import class_mix_watch
 from stealguard.server.extproc.servicer import SERVICE as EXTPROC_SERVICE
 from stealguard.server.extproc.servicer import ExternalProcessorServicer, add_extproc
 from stealguard.server.metering.inflight import Slots
@@ -36,8 +37,13 @@ def protect_core(config: Config, policies) -> ProtectCore:
     (the sidecar and the proxy build theirs the same way)."""
     limiter = meter_of(config)
     observers = [MetricsObserver()] if config.metrics_port else []
-    return ProtectCore(policies, max_rows=config.max_rows, limiter=limiter,
+    core = ProtectCore(policies, max_rows=config.max_rows, limiter=limiter,
                        observers=observers)
+    watch = class_mix_watch(config, lambda policy, name: core.resolve(name))
+    if watch is not None:  # --detect classmix: the same observer and escalation everywhere
+        core.observers.append(watch)
+        core.escalation = watch
+    return core
 
 
 def warm_kernels(core: ProtectCore, policies, who: str, logger: logging.Logger) -> float:

@@ -311,7 +311,7 @@ def test_detection_settings_come_from_yaml_keys(tmp_path):
 @pytest.mark.parametrize(("argv", "message"), [
     (["--detect-delta", "1.5"], "--detect-delta: must be in (0, 1], got 1.5"),
     (["--detect", "prada", "--detect-delta", "high"], "--detect-delta: must be a number"),
-    (["--escalate", "labels"], "--escalate needs a detector: add --detect prada"),
+    (["--escalate", "labels"], "--escalate needs a detector: add --detect classmix"),
     (["--detect", "prada", "--escalate", "refuse,labels"], "--escalate: 'refuse' must be"),
     (["--detect", "prada", "--detect-cooldown", "soon"], "--detect-cooldown: must be seconds"),
     (["--detect", "prada", "--escalate-after", "0"], "--escalate-after: must be at least 1"),

@@ -5,13 +5,16 @@
     reading = detector.observe("shop", images, predicted_classes)
     reading.alarm, reading.scores        # W below delta?, W after each row (nan: too few)
 
-`prada` holds PRADA (Juuti et al., EuroS&P 2019), on the inputs; `escalation` the
+`prada` holds PRADA (Juuti et al., EuroS&P 2019), on the inputs; `classmix` the G-test of
+the classes a principal is answered against the deployment's mix, on the outputs only
+(`ClassMix`, which every front end can run); `escalation` the
 per-principal ladder its alarms climb (`Ladder`: watch, a policy, labels, refuse), which
 the protect core consults. Nothing here imports grpc or numba; scipy gives the
 Shapiro-Wilk test.
 """
 
+from stealguard.server.detection.classmix import ClassMix
 from stealguard.server.detection.escalation import Ladder
 from stealguard.server.detection.prada import FeatureSizeError, Prada, Reading
 
-__all__ = ["FeatureSizeError", "Ladder", "Prada", "Reading"]
+__all__ = ["ClassMix", "FeatureSizeError", "Ladder", "Prada", "Reading"]

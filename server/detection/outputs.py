@@ -1,0 +1,109 @@
+"""Detection on what every protect core sees: the model's raw answers, per principal.
+
+    watch = class_mix_watch(config, named)      # None unless --detect classmix
+    core = ProtectCore(policies, observers=[watch], escalation=watch)
+
+`ClassMixWatch` is a protect-core observer and escalation at once. After each answered
+call it shows the principal's predicted classes (the argmax of the rows as given, before
+any defense) to the `ClassMix` detector of that policy and class count, and tells the
+escalation ladder about alarms; the core then asks it, through the ladder, which policy the
+principal gets. So the sidecar, the proxy, Envoy ext_proc and the model server detect and
+escalate the same way, from one place (`stealguard.server.sidecar.protect_core`, the model
+server's `run_modelserver`). A single column holds positive-class probabilities: its class
+is p >= 0.5. A policy that is not protected (the model server's `none` baseline) is
+neither watched nor escalated.
+
+A detector that fails is logged by the core and the call keeps its answer: a failure never
+weakens one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from stealguard.server.core import Exchange, Policy
+from stealguard.server.detection.classmix import ClassMix
+from stealguard.server.detection.escalation import WATCH, Ladder
+
+log = logging.getLogger("stealguard.detection")
+
+SIGNAL = "classmix"
+
+
+class ClassMixWatch:
+    """`ClassMix` per (policy, class count) over every answered call, feeding `ladder`.
+
+    `prior`: the reference class mix for the policies whose class count it matches
+    (others get a uniform one); `threshold`, `max_principals`: each detector's."""
+
+    def __init__(self, ladder: Ladder, threshold: float, prior: Sequence[float] = (),
+                 max_principals: int = 10_000):
+        self.ladder = ladder
+        self.threshold = threshold
+        self.prior = list(prior)
+        self.max_principals = max_principals
+        self.detectors: dict[tuple[str, int], ClassMix] = {}
+
+    def detector(self, policy: str, classes: int) -> ClassMix:
+        """The detector of `policy`'s answers with `classes` classes (made on first use)."""
+        key = (policy, classes)
+        found = self.detectors.get(key)
+        if found is None:
+            prior = self.prior if len(self.prior) == classes else None
+            if self.prior and prior is None:
+                log.warning("classmix: --detect-prior has %d classes, policy %r answers %d: "
+                            "a uniform reference mix for it", len(self.prior), policy, classes)
+            found = self.detectors[key] = ClassMix(classes, self.threshold, prior=prior,
+                                                   max_principals=self.max_principals)
+            log.info("classmix on policy %r (%d classes): G above %g alarms, at most %.1f MiB "
+                     "for %d principals", policy, classes, self.threshold,
+                     found.worst_case_bytes / 2**20, self.max_principals)
+        return found
+
+    def observe(self, exchange: Exchange) -> None:
+        """The core's observer hook: count the classes of an answered call."""
+        if exchange.returned is None or exchange.principal in self.ladder.allow:
+            return
+        rows = exchange.given
+        if rows.shape[1] == 1:  # positive-class probabilities (or logits: p >= 0.5 at 0)
+            classes = 2
+            labels = (rows[:, 0] >= (0.0 if exchange.logits else 0.5)).astype(np.int64)
+        else:
+            classes = rows.shape[1]
+            labels = rows.argmax(axis=1)
+        reading = self.detector(exchange.policy, classes).observe(exchange.principal, labels)
+        alarmed = reading.scores > self.threshold  # nan (too few answers) is no alarm
+        count = int(np.count_nonzero(alarmed))
+        if count:
+            self.ladder.alarm(exchange.principal, SIGNAL, count, {
+                "G": round(float(reading.scores[alarmed].max()), 2),
+                "threshold": self.threshold, "queries": reading.queries})
+
+    def policy_for(self, principal: str, policy: Policy) -> Policy:
+        """The core's escalation hook: the ladder's policy for `principal`; an unprotected
+        policy is left alone."""
+        if not getattr(policy, "protected", True):
+            return policy
+        return self.ladder.policy_for(principal, policy)
+
+
+def ladder_of(config, named: Callable[[Policy, str], Policy]) -> Ladder:
+    """The escalation ladder of a server's detection settings."""
+    ladder = Ladder(config.escalate or [WATCH], after=config.escalate_after,
+                    cooldown=config.detect_cooldown, allow=config.detect_allow,
+                    dry_run=config.detect_dry_run, named=named)
+    log.info("extraction detection: %s on protected policies; ladder %s, a step per %d "
+             "alarmed queries, %s%s", config.detect, " -> ".join(ladder.steps), ladder.after,
+             f"one step down per {ladder.cooldown:g}s without an alarm" if ladder.cooldown
+             else "no cool-down", "; dry run: nothing changes" if ladder.dry_run else "")
+    return ladder
+
+
+def class_mix_watch(config, named: Callable[[Policy, str], Policy]) -> ClassMixWatch | None:
+    """The `ClassMixWatch` of a server's settings (None unless `detect: classmix`)."""
+    if config.detect != SIGNAL:
+        return None
+    return ClassMixWatch(ladder_of(config, named), config.detect_threshold,
+                         config.detect_prior, config.detect_principals)

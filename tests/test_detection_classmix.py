@@ -1,0 +1,130 @@
+"""The class-mix signal (stealguard.server.detection.ClassMix) on real MNIST labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from stealguard.modelserver.datasets import load_dataset
+from stealguard.server.detection import ClassMix
+from stealguard.server.detection.prada import InvalidQueries
+from stealguard.server.errors import InvalidInput
+
+THRESHOLD = 23.5  # what attacks/results/detection chose from its calibration clients
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_dataset("mnist", seed=0)
+
+
+def _prior(ds) -> np.ndarray:
+    return np.bincount(ds.base_y, minlength=10) / len(ds.base_y)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_held_out_labels_in_random_order_do_not_alarm(mnist, seed):
+    order = np.random.default_rng(seed).permutation(len(mnist.test_y))
+    detector = ClassMix(10, THRESHOLD, prior=_prior(mnist))
+    reading = detector.observe("honest", mnist.test_y[order].astype(np.int64))
+    assert not reading.alarm and reading.alarmed_at is None
+    assert np.isnan(reading.scores[:49]).all() and not np.isnan(reading.scores[49:]).any()
+
+
+def test_answers_piling_into_two_classes_alarm_once_scored(mnist):
+    # what random inputs do to a classifier: most land in one or two classes
+    labels = np.where(np.random.default_rng(0).random(200) < 0.7, 8, 3)
+    reading = ClassMix(10, THRESHOLD, prior=_prior(mnist)).observe("thief", labels)
+    assert reading.alarm and reading.alarmed_at == 50
+
+
+def test_the_score_is_the_g_test_of_the_last_window(mnist):
+    rng = np.random.default_rng(1)
+    labels = np.concatenate([np.full(300, 4), rng.permutation(mnist.test_y)[:400]])
+    detector = ClassMix(10, 1e9, prior=_prior(mnist), window=250)
+    scores = np.concatenate([detector.observe("p", part).scores
+                             for part in np.array_split(labels, 7)])  # batches change nothing
+    counts = np.bincount(labels[-250:], minlength=10)
+    seen = counts > 0
+    want = 2 * (counts[seen] * np.log(counts[seen] / (250 * _prior(mnist)[seen]))).sum()
+    assert scores[-1] == pytest.approx(want)
+    assert scores[299] > 1000 > scores[-1]  # the skewed start has left the window
+
+
+def test_memory_stays_bounded_with_10000_principals():
+    rng = np.random.default_rng(0)
+    detector = ClassMix(10, THRESHOLD, window=100, max_principals=500)
+    for i in range(10_000):
+        detector.observe(f"client-{i}", rng.integers(0, 10, 20))
+    assert len(detector) == 500
+    assert np.isnan(detector.score("client-0"))  # dropped, least recently seen first
+    assert detector.nbytes() <= detector.worst_case_bytes
+    assert detector.worst_case_bytes == 500 * (2 * 100 + 8 * 10 + 200)
+
+
+@pytest.mark.parametrize("classes, message", [
+    (np.array([0, 10]), r"classes must be one integer in \[0, 10\) per row, got shape \[2\] "
+                        r"of int64 from 0 to 10"),
+    (np.array([[1, 2]]), r"got shape \[1, 2\]"),
+    (np.array([0.5]), "of float64"),
+    (np.array([-1]), "from -1 to -1"),
+])
+def test_bad_classes_name_the_principal_and_why(classes, message):
+    with pytest.raises(InvalidQueries, match=message) as caught:
+        ClassMix(10, THRESHOLD).observe("shop", classes)
+    assert isinstance(caught.value, InvalidInput) and "'shop'" in str(caught.value)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"classes": 1}, "classes must be an integer >= 2"),
+    ({"threshold": 0}, "threshold must be a finite number > 0"),
+    ({"threshold": float("nan")}, "threshold must be a finite number > 0"),
+    ({"prior": [0.5, 0.5]}, "prior must be 10 non-negative numbers"),
+    ({"prior": [0.0] * 10}, "prior must be 10 non-negative numbers"),
+    ({"min_queries": 200, "window": 100}, r"min_queries \(200\) must not exceed window"),
+    ({"max_principals": True}, "max_principals must be an integer >= 1"),
+])
+def test_bad_parameters_name_the_parameter(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ClassMix(**{"classes": 10, "threshold": THRESHOLD, **kwargs})
+
+
+# -- in every front end: the protect core's observer and escalation ---------------------
+
+def _digits_rows():
+    from _defenses_helpers import digits_softmax_rows
+
+    return digits_softmax_rows().astype(np.float32)
+
+
+def test_a_real_sidecar_answers_a_one_class_principal_with_labels_and_others_as_before():
+    """`stealguard-sidecar --detect classmix --escalate labels`: mallory's answers pile into
+    class 3 and from its alarm on it gets one-hot labels; alice's real mix is untouched."""
+    import grpc
+    from _procs import start_sidecar
+    from stealguard.server.codec import array_to_tensor, tensor_to_array
+    from stealguard.v1 import defense_pb2, defense_pb2_grpc
+
+    rows = _digits_rows()
+    threes = rows[rows.argmax(1) == 3][:20]
+    mixed = rows[np.random.default_rng(0).permutation(len(rows))[:60]]
+    process, address = start_sidecar("--detect", "classmix", "--escalate", "labels",
+                                     "--trust-client-header")
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = defense_pb2_grpc.DefenseStub(channel)
+
+            def ask(who, batch):
+                reply = stub.Perturb(defense_pb2.PerturbRequest(
+                    probabilities=array_to_tensor(batch)), metadata=[("x-client-id", who)],
+                    timeout=10)
+                return tensor_to_array(reply.probabilities)
+
+            one_hot = [bool(np.sort(ask("mallory", threes[i % 20:i % 20 + 1]))[0, -2] == 0)
+                       for i in range(60)]
+            honest = [ask("alice", mixed[i:i + 1]) for i in range(60)]
+    finally:
+        assert process.stop() == 0
+    assert one_hot[:49] == [False] * 49  # scored from the 50th answer on
+    assert all(one_hot[50:])  # the 50th alarmed: every later answer is labels only
+    assert not any(np.sort(h)[0, -2] == 0 for h in honest)
+    assert "classmix" in process.output() and "mallory" in process.output()
