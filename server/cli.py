@@ -91,7 +91,7 @@ def add_detection_flags(parser: argparse.ArgumentParser) -> None:
                        "prada: the protected models' inputs (the model server only); "
                        "default off")
     group.add_argument("--detect-threshold", dest="detect_threshold",
-                       help="classmix alarms when G is above this (default 23.5, what "
+                       help="classmix alarms when G is above this (default 23, what "
                        "attacks/results/detection chose for MNIST's 10 classes)")
     group.add_argument("--detect-prior", dest="detect_prior", action="append",
                        help="classmix's reference class mix, one number per class in class "

@@ -115,7 +115,7 @@ class ServerSettings:
     # detect_allow never escalates; detect_dry_run logs and counts, changes nothing;
     # detect_principals: the principals each detector keeps.
     detect: str = setting("off", "choice", choices=DETECTORS)
-    detect_threshold: float = setting(23.5, "float", positive=True)
+    detect_threshold: float = setting(23.0, "float", positive=True)
     detect_prior: list = setting(kind="list", factory=list)
     detect_delta: float = setting(0.94, "float", positive=True)
     escalate: list = setting(kind="list", factory=list)
