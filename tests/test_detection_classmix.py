@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from stealguard.modelserver.datasets import load_dataset
@@ -96,13 +98,60 @@ def _digits_rows():
     return digits_softmax_rows().astype(np.float32)
 
 
+def _ask(stub, who, batch):
+    from stealguard.server.codec import array_to_tensor, tensor_to_array
+    from stealguard.v1 import defense_pb2
+
+    reply = stub.Perturb(defense_pb2.PerturbRequest(probabilities=array_to_tensor(batch)),
+                         metadata=[("x-client-id", who)], timeout=10)
+    return tensor_to_array(reply.probabilities)
+
+
+def _is_label(answer) -> bool:
+    return bool(np.sort(answer)[0, -2] == 0)
+
+
+def test_two_sidecars_on_one_valkey_score_one_window_per_principal(tmp_path):
+    """A thief alternating between two replicas: with the windows in the store, its 50th
+    answer overall is scored, though each replica has answered it only 25 times."""
+    import grpc
+    from _procs import start_sidecar
+    from _valkey import Valkey
+    from stealguard.v1 import defense_pb2_grpc
+
+    threes = _digits_rows()
+    threes = threes[threes.argmax(1) == 3][:20]
+    valkey = Valkey(tmp_path / "valkey").start()
+    flags = ("--detect", "classmix", "--escalate", "labels", "--trust-client-header",
+             "--store", valkey.url)
+    replicas = [start_sidecar(*flags), start_sidecar(*flags)]
+    try:
+        channels = [grpc.insecure_channel(address) for _, address in replicas]
+        stubs = [defense_pb2_grpc.DefenseStub(channel) for channel in channels]
+        labels = [_is_label(_ask(stubs[i % 2], "mallory", threes[i % 20:i % 20 + 1]))
+                  for i in range(50)]
+        later = []  # the 50th answer's alarm lands after its answer, on both replicas
+        for i in range(50, 98):  # under 50 calls per replica: alone, neither would alarm
+            time.sleep(0.05)  # time for the store's answer, on a busy machine too
+            later.append(_is_label(_ask(stubs[i % 2], "mallory", threes[i % 20:i % 20 + 1])))
+            if len(later) >= 2 and later[-2:] == [True, True]:
+                break
+        for channel in channels:
+            channel.close()
+    finally:
+        codes = [process.stop() for process, _ in replicas]
+        valkey.stop()
+    assert codes == [0, 0]
+    assert not any(labels)  # below min_queries on every replica until the 50th
+    assert later[-2:] == [True, True], later  # both replicas escalated on the shared window
+
+
 def test_a_real_sidecar_answers_a_one_class_principal_with_labels_and_others_as_before():
     """`stealguard-sidecar --detect classmix --escalate labels`: mallory's answers pile into
     class 3 and from its alarm on it gets one-hot labels; alice's real mix is untouched."""
     import grpc
     from _procs import start_sidecar
-    from stealguard.server.codec import array_to_tensor, tensor_to_array
-    from stealguard.v1 import defense_pb2, defense_pb2_grpc
+    from stealguard.v1 import defense_pb2_grpc
 
     rows = _digits_rows()
     threes = rows[rows.argmax(1) == 3][:20]
@@ -112,19 +161,39 @@ def test_a_real_sidecar_answers_a_one_class_principal_with_labels_and_others_as_
     try:
         with grpc.insecure_channel(address) as channel:
             stub = defense_pb2_grpc.DefenseStub(channel)
-
-            def ask(who, batch):
-                reply = stub.Perturb(defense_pb2.PerturbRequest(
-                    probabilities=array_to_tensor(batch)), metadata=[("x-client-id", who)],
-                    timeout=10)
-                return tensor_to_array(reply.probabilities)
-
-            one_hot = [bool(np.sort(ask("mallory", threes[i % 20:i % 20 + 1]))[0, -2] == 0)
+            one_hot = [_is_label(_ask(stub, "mallory", threes[i % 20:i % 20 + 1]))
                        for i in range(60)]
-            honest = [ask("alice", mixed[i:i + 1]) for i in range(60)]
+            honest = [_ask(stub, "alice", mixed[i:i + 1]) for i in range(60)]
     finally:
         assert process.stop() == 0
     assert one_hot[:49] == [False] * 49  # scored from the 50th answer on
     assert all(one_hot[50:])  # the 50th alarmed: every later answer is labels only
-    assert not any(np.sort(h)[0, -2] == 0 for h in honest)
+    assert not any(_is_label(h) for h in honest)
     assert "classmix" in process.output() and "mallory" in process.output()
+
+
+def test_the_store_window_keeps_the_last_answers_and_their_counts(tmp_path):
+    import asyncio
+
+    from _valkey import Valkey
+    from stealguard.server.metering.redis_store import RedisStore
+
+    valkey = Valkey(tmp_path / "valkey").start()
+
+    async def record():
+        store = RedisStore(valkey.url, timeout=5.0)
+        try:
+            first = await store.record_classes("p:mallory", [1, 1, 2], 4, 60)
+            second = await store.record_classes("p:mallory", [3, 3], 4, 60)  # 1 leaves
+            other = await store.record_classes("p:alice", [1], 4, 60)
+            return first, second, other
+        finally:
+            await store.close()
+
+    try:
+        first, second, other = asyncio.run(record())
+    finally:
+        valkey.stop()
+    assert first == (3, {1: 2, 2: 1})
+    assert second == (4, {1: 1, 2: 1, 3: 2})
+    assert other == (1, {1: 1})

@@ -145,14 +145,15 @@ class ClassMix:
             state.queries += 1
             n = min(state.queries, window)
             if n >= self.min_queries:
-                state.score = scores[i] = self._g(counts, n)
+                state.score = scores[i] = self.g_of(counts, n)
                 if state.score > self.threshold:
                     alarm = True
                     if state.alarmed_at is None:
                         state.alarmed_at = state.queries
         return Reading(scores, alarm, state.alarmed_at, state.queries)
 
-    def _g(self, counts: np.ndarray, n: int) -> float:
+    def g_of(self, counts: np.ndarray, n: int) -> float:
+        """G of `n` answers with `counts` per class against the reference mix."""
         seen = counts > 0
         c = counts[seen]
         return float(2.0 * (c * (np.log(c / n) - self._log_prior[seen])).sum())

@@ -13,12 +13,22 @@ server's `run_modelserver`). A single column holds positive-class probabilities:
 is p >= 0.5. A policy that is not protected (the model server's `none` baseline) is
 neither watched nor escalated.
 
+**Shared state.** With a Redis or Valkey `--store` (the metering store), each (policy,
+principal) window lives there instead (`RedisStore.record_classes`, one atomic script), so
+every replica and worker naming the store scores one window: a thief who spreads its calls
+over replicas is counted once. The store call runs as a task after the answer (an observer
+must not wait), so an alarm takes effect from the principal's next call after it lands;
+each window expires a day after its last answer. A store that fails is logged and the
+calls keep their policy; the in-process detectors (and `--detect-principals`) serve the
+memory store.
+
 A detector that fails is logged by the core and the call keeps its answer: a failure never
 weakens one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
@@ -30,6 +40,8 @@ from stealguard.server.detection.escalation import WATCH, Ladder
 log = logging.getLogger("stealguard.detection")
 
 SIGNAL = "classmix"
+#: How long a principal's shared window outlives its last answer.
+SHARED_TTL_S = 86_400
 
 
 class ClassMixWatch:
@@ -39,12 +51,14 @@ class ClassMixWatch:
     (others get a uniform one); `threshold`, `max_principals`: each detector's."""
 
     def __init__(self, ladder: Ladder, threshold: float, prior: Sequence[float] = (),
-                 max_principals: int = 10_000):
+                 max_principals: int = 10_000, store=None):
         self.ladder = ladder
         self.threshold = threshold
         self.prior = list(prior)
         self.max_principals = max_principals
         self.detectors: dict[tuple[str, int], ClassMix] = {}
+        self.store = store  # a RedisStore: the windows are shared (module docstring)
+        self._pending: set[asyncio.Task] = set()
 
     def detector(self, policy: str, classes: int) -> ClassMix:
         """The detector of `policy`'s answers with `classes` classes (made on first use)."""
@@ -73,13 +87,43 @@ class ClassMixWatch:
         else:
             classes = rows.shape[1]
             labels = rows.argmax(axis=1)
-        reading = self.detector(exchange.policy, classes).observe(exchange.principal, labels)
+        detector = self.detector(exchange.policy, classes)
+        if self.store is not None:  # the observer must not wait: the store call is a task
+            task = asyncio.get_running_loop().create_task(
+                self._shared(detector, exchange.policy, exchange.principal, labels))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+            return
+        reading = detector.observe(exchange.principal, labels)
         alarmed = reading.scores > self.threshold  # nan (too few answers) is no alarm
         count = int(np.count_nonzero(alarmed))
         if count:
             self.ladder.alarm(exchange.principal, SIGNAL, count, {
                 "G": round(float(reading.scores[alarmed].max()), 2),
                 "threshold": self.threshold, "queries": reading.queries})
+
+    async def _shared(self, detector: ClassMix, policy: str, principal: str,
+                      labels: np.ndarray) -> None:
+        """Record `labels` in the store's window of (policy, principal), which every replica
+        and worker naming the store shares, and score the window after them: G of the whole
+        batch, one alarm per row when it is above the threshold."""
+        try:
+            n, counts = await self.store.record_classes(
+                f"{policy}:{principal}", labels.tolist(), detector.window, SHARED_TTL_S)
+        except Exception as error:  # noqa: BLE001 - detection must not fail the call
+            log.warning("classmix: the store did not record principal %r's answers (%s); "
+                        "its calls keep their policy", principal, error)
+            return
+        if n < detector.min_queries:
+            return
+        vector = np.zeros(detector.classes, np.int64)
+        for label, count in counts.items():
+            if 0 <= label < detector.classes:
+                vector[label] = count
+        g = detector.g_of(vector, n)
+        if g > self.threshold:
+            self.ladder.alarm(principal, SIGNAL, len(labels), {
+                "G": round(g, 2), "threshold": self.threshold, "window": n, "shared": True})
 
     def policy_for(self, principal: str, policy: Policy) -> Policy:
         """The core's escalation hook: the ladder's policy for `principal`; an unprotected
@@ -105,5 +149,10 @@ def class_mix_watch(config, named: Callable[[Policy, str], Policy]) -> ClassMixW
     """The `ClassMixWatch` of a server's settings (None unless `detect: classmix`)."""
     if config.detect != SIGNAL:
         return None
+    store = None
+    if config.store not in ("", "memory"):  # the metering store: replicas share the windows
+        from stealguard.server.metering.redis_store import open_store
+
+        store = open_store(config.store)
     return ClassMixWatch(ladder_of(config, named), config.detect_threshold,
-                         config.detect_prior, config.detect_principals)
+                         config.detect_prior, config.detect_principals, store)

@@ -19,6 +19,27 @@ from stealguard.server.metering.limits import SLOTS, Limits
 from stealguard.server.metering.store import Grant, StoreError, Usage, usage_of
 
 KEY_PREFIX = "stealguard:v1:"
+#: Keys of the class-mix detector's shared windows (a list and a hash per principal and
+#: policy, one hash tag so that a cluster keeps them on one node).
+CLASSES_PREFIX = "stealguard:classmix:v1:"
+
+# KEYS[1]: the window (a list of class indices, oldest first); KEYS[2]: count per class.
+# ARGV: window length, expiry in seconds, then the new classes in order.
+RECORD_CLASSES = """
+local window = tonumber(ARGV[1])
+for i = 3, #ARGV do
+  redis.call('RPUSH', KEYS[1], ARGV[i])
+  redis.call('HINCRBY', KEYS[2], ARGV[i], 1)
+end
+local over = redis.call('LLEN', KEYS[1]) - window
+for _ = 1, over do
+  local old = redis.call('LPOP', KEYS[1])
+  if redis.call('HINCRBY', KEYS[2], old, -1) == 0 then redis.call('HDEL', KEYS[2], old) end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return {redis.call('LLEN', KEYS[1]), redis.call('HGETALL', KEYS[2])}
+"""
 PASSWORD_ENV = "STEALGUARD_STORE_PASSWORD"
 
 # KEYS[1] the principal's hash. ARGV: want_min, want_max, emission_us, burst, refund,
@@ -168,6 +189,7 @@ class RedisStore:
             url, password=password, socket_timeout=timeout, socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0), health_check_interval=0)
         self._acquire = self._redis.register_script(ACQUIRE)
+        self._classes = self._redis.register_script(RECORD_CLASSES)
         import redis.exceptions
 
         self._errors = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
@@ -212,6 +234,17 @@ class RedisStore:
             return await read()
         except self._errors as error:
             raise StoreError(f"{type(error).__name__}: {error}") from error
+
+    async def record_classes(self, key: str, labels: list[int], window: int,
+                             ttl_s: int) -> tuple[int, dict[int, int]]:
+        """Append `labels` to the class window `key` (the last `window` kept) and return
+        (answers in the window, count per class); one atomic script, so replicas and
+        workers recording for one principal share one window (`detection.outputs`)."""
+        reply = await self._call(self._classes(
+            keys=[f"{CLASSES_PREFIX}{{{key}}}:ring", f"{CLASSES_PREFIX}{{{key}}}:counts"],
+            args=[window, ttl_s, *labels]))
+        n, pairs = reply
+        return int(n), {int(pairs[i]): int(pairs[i + 1]) for i in range(0, len(pairs), 2)}
 
     async def ping(self) -> None:
         """Raise StoreError unless the store answers."""
