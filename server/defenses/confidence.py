@@ -12,10 +12,10 @@ For a row y of K >= 2 probabilities with top class c = numpy.argmax(y):
     q_c    = t
 
 What an answer discloses, by construction, is the label and the level of its confidence,
-nothing else. The weights w_j are uniform draws from 1..65536, four from each output of a
-splitmix64 stream seeded by the keyed PRF `nh_siphash24` of the row's bytes (NH, then
-SipHash-2-4) under keys derived from the server secret, the defense's name and its
-parameters (`noise.key_bytes`).
+nothing else. The weights w_j are exponential draws (so w / sum(w) is Dirichlet(1)),
+-log u for u uniform on 23 bits, two from each output of a splitmix64 stream seeded by the
+keyed PRF `nh_siphash24` of the row's bytes (NH, then SipHash-2-4) under keys derived from
+the server secret, the defense's name and its parameters (`noise.key_bytes`).
 They do not depend on the values of the other classes at all, so there is no formula to
 invert: knowing the algorithm and its published parameters, an attacker learns from the
 other classes only a pseudo-random function of the input bytes, and repeating a query, or
@@ -38,12 +38,12 @@ import numpy as np
 from numba import njit, prange
 
 from ._base import Defense, in_range
-from ._fastmath import NH_WORDS, nh_siphash24, splitmix64
+from ._fastmath import NH_WORDS, log_f32, nh_siphash24, splitmix64
 from ._validation import check_row
 from .noise import key_bytes, row_key
 
 BLOCK_VALUES = 1 << 14  # values per parallel work item (rows are never split)
-_U16 = np.uint64(0xFFFF)
+_U32 = np.uint64(0xFFFFFFFF)
 
 
 @njit(inline="always")
@@ -57,12 +57,14 @@ def _row(y, out, base, k, top, edges, values, margin, nh, k0, k1):
     seed = nh_siphash24(y, base, k, nh, k0, k1)
     total = 0.0
     largest = 0.0
-    for first in range(0, k, 4):  # four 16-bit weights from each splitmix64 output
-        draws = splitmix64(seed, first >> 2)
-        for j in range(first, min(k, first + 4)):
-            w = np.float64(draws & _U16) + 1.0
-            draws >>= np.uint64(16)
-            w = 0.0 if j == top else w
+    for first in range(0, k, 2):  # two 32-bit uniforms from each splitmix64 output
+        draws = splitmix64(seed, first >> 1)
+        for j in range(first, min(k, first + 2)):
+            # 23 bits, so that u is in (0, 1) exactly in float32 and every weight is > 0
+            u = (np.float32((draws & _U32) >> np.uint64(9)) + np.float32(0.5)) \
+                * np.float32(2.0 ** -23)
+            draws >>= np.uint64(32)
+            w = 0.0 if j == top else -np.float64(log_f32(u))  # exponential: Dirichlet(1)
             out[base + j] = w  # weights first; out is float64 scratch only when y is
             total += w
             largest = max(largest, w)
