@@ -13,7 +13,6 @@ from collections.abc import Callable
 from stealguard.server.config import Config
 from stealguard.server.core import ProtectCore
 from stealguard.server.defenses import warm_up
-from stealguard.server.detection.outputs import class_mix_watch
 from stealguard.server.extproc.servicer import SERVICE as EXTPROC_SERVICE
 from stealguard.server.extproc.servicer import ExternalProcessorServicer, add_extproc
 from stealguard.server.metering.inflight import Slots
@@ -39,8 +38,10 @@ def protect_core(config: Config, policies) -> ProtectCore:
     observers = [MetricsObserver()] if config.metrics_port else []
     core = ProtectCore(policies, max_rows=config.max_rows, limiter=limiter,
                        observers=observers)
-    watch = class_mix_watch(config, lambda policy, name: core.resolve(name))
-    if watch is not None:  # --detect classmix: the same observer and escalation everywhere
+    if config.detect == "classmix":  # the same observer and escalation in every front end
+        from stealguard.server.detection.outputs import class_mix_watch  # scipy: only now
+
+        watch = class_mix_watch(config, lambda policy, name: core.resolve(name))
         core.observers.append(watch)
         core.escalation = watch
     return core

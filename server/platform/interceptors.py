@@ -180,8 +180,10 @@ class RequestBytesInterceptor(grpc.aio.ServerInterceptor):
         self.reserve = min(max_message_bytes * self.COST, bound)
 
     def _refusal(self) -> str:
-        return (f"the requests being served hold {self.budget.held} bytes of the bound of "
-                f"{self.budget.bound} (--max-request-bytes); retry shortly")
+        return (f"the requests being served hold {self.budget.held} bytes and reads under "
+                f"way reserve {self.budget.reserved} of the bound of {self.budget.bound} "
+                f"(--max-request-bytes; a read reserves up to {self.reserve}, "
+                f"--max-message-bytes x {self.COST}); retry shortly")
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
