@@ -105,9 +105,9 @@ def watch_of(config, specs: Iterable[ModelSpec]) -> Watch | None:
 
     kept = min(config.detect_principals, PRADA_PRINCIPALS)
     if kept < config.detect_principals:
-        log.warning("prada keeps at most %d principals per model (--detect-principals %d is "
-                    "classmix's): each can hold %d stored images", kept,
-                    config.detect_principals, PRADA_VECTORS)
+        log.info("prada keeps at most %d principals per model (--detect-principals %d is "
+                 "classmix's): each can hold %d stored images", kept,
+                 config.detect_principals, PRADA_VECTORS)
     return Watch(ladder_of(config, _named), config.detect_delta, specs, kept)
 
 
