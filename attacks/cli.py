@@ -10,6 +10,7 @@
         [--quick]
     stealguard-attack detect --out attacks/results/detection [--budget 4000] [--clients 20] \\
         [--attacks sample,argmax,jacobian,random,knockoff]
+    stealguard-attack detect --target HOST:PORT --out DIR   # through a live model server
 
 Bad input (unknown dataset, strategy or model, unreachable target, a budget that is not a
 positive integer) ends with a one-line error and a non-zero exit status.
@@ -224,6 +225,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated, default all")
     det.add_argument("--quick", action="store_true", help="short training (for tests)")
     det.add_argument("--seed", type=int, default=0)
+    live = det.add_argument_group(
+        "through a live model server (class mix; scripts/detect-live starts the stack)")
+    live.add_argument("--target", default=None, metavar="HOST:PORT",
+                      help="the model server, run with --detect classmix --escalate labels "
+                           "--trust-client-header --detect-allow ALLOWED: every stream is "
+                           "one principal (x-client-id) and --victim is not used")
+    live.add_argument("--model", default="mnist", help="the protected model (default mnist)")
+    live.add_argument("--baseline-model", default="mnist-open",
+                      help="the unprotected model that scores the thieves (default mnist-open)")
+    live.add_argument("--allowed", default="detect-eval-allowed",
+                      help="a principal on the server's --detect-allow: scores, waits for the "
+                           "stack, and runs the Jacobian thief without detection")
+    live.add_argument("--batch-size", type=positive, default=10,
+                      help="queries per call (the resolution of queries to detection)")
+    live.add_argument("--wait", type=float, default=600.0,
+                      help="seconds to wait for the protected model to answer (default 600)")
+    live.add_argument("--timeout", type=float, default=30.0,
+                      help="seconds to connect and per call (default 30)")
     return parser
 
 
@@ -462,6 +481,8 @@ def cmd_detect(args) -> int:
 
     started = time.perf_counter()
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    if args.target:
+        return _detect_live(args, started, log)
     if not (args.victim / "victim.pt").exists():
         raise UsageError(f"--victim: no victim.pt in {args.victim} (the committed MNIST "
                          "victim is attacks/results/mnist)")
@@ -487,6 +508,44 @@ def cmd_detect(args) -> int:
           f"{benign['alarms']} alarms over {benign['queries']} queries (delta "
           f"{saved['delta']:.2f})")
     print(f"wrote {args.out}/results.json, report.md, detection_w.png ({meta['seconds']:.0f} s)")
+    return 0
+
+
+def _detect_live(args, started: float, log) -> int:
+    import json
+
+    from stealguard.attacks import detection
+    from stealguard.attacks.detection_live import Live, evaluate_live, render_live
+    from stealguard.attacks.experiment import IMAGE_QUICK
+    from stealguard.modelserver.datasets import load_dataset
+
+    if not args.wait >= 0:
+        raise UsageError(f"--wait: must be 0 or more seconds, got {args.wait}")
+    if not 0 < args.timeout < float("inf"):
+        raise UsageError(f"--timeout: must be a positive number of seconds, got {args.timeout}")
+    plan = detection.Plan(budget=args.budget, clients=args.clients, seed=args.seed,
+                          attacks=tuple(args.attacks or detection.ATTACKS))
+    if args.quick:
+        plan = dataclasses.replace(plan, train=IMAGE_QUICK.train)
+    live = Live(args.target, args.model, args.baseline_model, args.allowed, args.batch_size,
+                timeout=args.timeout, wait=args.wait)
+    result = evaluate_live(load_dataset("mnist", seed=args.seed), live, plan, log=log)
+    meta = {**_meta(args, started), "budget": plan.budget, "clients": plan.clients,
+            "profile": "quick" if args.quick else "full"}
+    result["meta"] = meta
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "report.md").write_text(render_live(result, meta))
+    for row in result["attacks"]:
+        print(f"{row['attack']}: " + (f"labels from query {row['labels_from']}"
+                                      if row["labels_from"] else "not detected")
+              + f", agreement {row['agreement']:.3f}")
+    for row in result["without_detection"]:
+        print(f"{row['attack']} without detection: agreement {row['agreement']:.3f}")
+    benign = result["benign"]
+    print(f"benign: {benign['alarmed_clients']}/{len(benign['clients'])} clients answered "
+          f"labels only over {benign['queries']} queries")
+    print(f"wrote {args.out}/results.json, report.md ({meta['seconds']:.0f} s)")
     return 0
 
 

@@ -88,6 +88,8 @@ class RemoteOracle(Oracle):
     """TorchServe's gRPC `InferenceAPIsService.Predictions` at `target` ("host:port") for
     model `model_name`. Each request carries up to `batch_size` inputs as a float32 .npy
     batch in input "data"; the `prediction` is a JSON list of probability vectors.
+    `metadata`: (key, value) pairs sent with every call (e.g. `x-client-id`, the principal
+    a server that trusts the client header charges and watches).
     Raises OracleError naming the target if it cannot be reached within `timeout` seconds."""
 
     RETRIES = 2
@@ -100,6 +102,7 @@ class RemoteOracle(Oracle):
         *,
         timeout: float = 30.0,
         batch_size: int = 100,
+        metadata: tuple[tuple[str, str], ...] = (),
     ):
         import grpc
         from stealguard.compat.torchserve import inference_pb2_grpc
@@ -109,6 +112,7 @@ class RemoteOracle(Oracle):
         self.model_name = model_name
         self.timeout = timeout
         self.batch_size = batch_size
+        self.metadata = tuple(metadata)  # sent with every call, e.g. the client header
         self._grpc = grpc
         self._channel = grpc.insecure_channel(
             target, options=[("grpc.max_receive_message_length", 64 << 20),
@@ -151,7 +155,8 @@ class RemoteOracle(Oracle):
         for attempt in range(self.RETRIES + 1):
             try:
                 return self._stub.Predictions(
-                    request, timeout=(self.timeout + 0.01 * n) * (attempt + 1))
+                    request, timeout=(self.timeout + 0.01 * n) * (attempt + 1),
+                    metadata=self.metadata or None)
             except grpc.RpcError as e:
                 code = e.code()
                 if code == grpc.StatusCode.NOT_FOUND:

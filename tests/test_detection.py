@@ -130,6 +130,12 @@ def test_the_surrogate_set_is_digits_in_mnists_frame():
      "unknown attack 'steal-all'"),
     (["detect", "--out", "x", "--victim", "no/such/folder"], "--victim: no victim.pt in"),
     (["detect"], "the following arguments are required: --out"),
+    (["detect", "--out", "x", "--target", "127.0.0.1:1", "--wait", "-1"],
+     "--wait: must be 0 or more seconds"),
+    (["detect", "--out", "x", "--target", "127.0.0.1:1", "--timeout", "nan"],
+     "--timeout: must be a positive number of seconds"),
+    (["detect", "--out", "x", "--target", "127.0.0.1:1", "--batch-size", "0"],
+     "'0' is not a positive integer"),
 ])
 def test_detect_bad_flags_are_one_line_and_exit_2(args, message):
     result = subprocess.run([script("stealguard-attack"), *args], capture_output=True,
