@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 
 import numpy as np
 import pytest
+from _procs import script
 from stealguard.modelserver.datasets import load_dataset
 from stealguard.server.detection import ClassMix
 from stealguard.server.detection.prada import InvalidQueries
@@ -138,12 +141,65 @@ def test_two_sidecars_on_one_valkey_score_one_window_per_principal(tmp_path):
                 break
         for channel in channels:
             channel.close()
+        usage = subprocess.run([script("stealguard-sidecar"), "usage", "--store", valkey.url,
+                                "--detections", "--format", "json"],
+                               capture_output=True, text=True, timeout=60)
     finally:
         codes = [process.stop() for process, _ in replicas]
         valkey.stop()
     assert codes == [0, 0]
     assert not any(labels)  # below min_queries on every replica until the 50th
     assert later[-2:] == [True, True], later  # both replicas escalated on the shared window
+    # the operator's view: the principal, the step, the signal and its evidence
+    assert usage.returncode == 0, usage.stderr
+    (record,) = json.loads(usage.stdout)
+    assert record["principal"] == "mallory" and record["step"] == "labels"
+    assert record["previous"] == "clear" and record["signal"] == "classmix"
+    assert record["evidence"]["G"] > THRESHOLD and record["evidence"]["shared"] is True
+    assert record["dry_run"] is False and record["changes"] >= 1
+
+
+def test_a_step_change_on_an_inference_thread_is_recorded_in_the_store(tmp_path):
+    """PRADA's ladder moves on the model server's inference thread: the record is written
+    from the event loop, and `usage --detections` prints it as a table."""
+    import asyncio
+    import threading
+
+    from _valkey import Valkey
+    from stealguard.server.detection.escalation import Ladder
+    from stealguard.server.detection.outputs import StoreRecorder
+    from stealguard.server.metering.redis_store import open_store
+
+    valkey = Valkey(tmp_path / "valkey").start()
+
+    async def climb():
+        store = open_store(valkey.url)
+        ladder = Ladder(["watch", "labels"], after=2)
+        ladder.listeners.append(StoreRecorder(store))  # built on the loop, as servers do
+        thread = threading.Thread(target=lambda: ladder.alarm(
+            "eve", "prada", 3, {"W": 0.71, "delta": 0.94, "queries": 180}))
+        thread.start()
+        thread.join()
+        for _ in range(100):  # the write is a task the thread handed to this loop
+            records = await store.detections("eve")
+            if records and records[0].changes == 2:
+                break
+            await asyncio.sleep(0.05)
+        await store.close()
+        return records
+
+    try:
+        (record,) = asyncio.run(climb())
+        table = subprocess.run([script("stealguard-sidecar"), "usage", "--store", valkey.url,
+                                "--detections"], capture_output=True, text=True, timeout=60)
+    finally:
+        valkey.stop()
+    assert (record.step, record.previous, record.signal) == ("labels", "watch", "prada")
+    assert record.evidence == {"W": 0.71, "delta": 0.94, "queries": 180}
+    head, row = table.stdout.splitlines()
+    assert head.split() == ["principal", "step", "from", "signal", "since", "evidence"]
+    assert row.split()[:4] == ["eve", "labels", "watch", "prada"]
+    assert row.endswith("W 0.71, delta 0.94, queries 180")
 
 
 def test_a_real_sidecar_answers_a_one_class_principal_with_labels_and_others_as_before():

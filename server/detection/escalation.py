@@ -24,7 +24,9 @@ one count: `stealguard_detections_total{signal, step}` when an alarm climbs,
 `stealguard_escalation_cooldowns_total{step}` when a cool-down steps down. At most
 `max_principals` principals are kept (those on a step; the least recently seen dropped
 first). The ladder is thread-safe: a detector may feed it from an inference thread while
-the core reads it on the event loop.
+the core reads it on the event loop. Each step change is also given to every callable of
+`listeners` (the event mapping, with `at`: seconds since the epoch); a listener must not
+block (it runs under the ladder's lock), and one that fails is logged.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ class Ladder:
         self.max_principals = max_principals
         self.named = named
         self.clock = clock
+        self.listeners: list[Callable[[dict], None]] = []  # see the module docstring
         self._principals: OrderedDict[str, _State] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -226,6 +229,12 @@ class Ladder:
         log.warning("escalation%s: principal %r %s -> %s: %s",
                     " (dry run)" if self.dry_run else "", principal, before, step, why,
                     extra={"event": event})
+        for listener in self.listeners:
+            try:
+                listener({**event, "at": time.time()})
+            except Exception:  # noqa: BLE001 - a listener never stops the ladder
+                log.exception("escalation: a listener failed on principal %r's step change",
+                              principal)
 
 
 def _describe(evidence: Mapping[str, object]) -> str:

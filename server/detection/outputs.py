@@ -20,7 +20,8 @@ over replicas is counted once. The store call runs as a task after the answer (a
 must not wait), so an alarm takes effect from the principal's next call after it lands;
 each window expires a day after its last answer. A store that fails is logged and the
 calls keep their policy; the in-process detectors (and `--detect-principals`) serve the
-memory store.
+memory store. Each escalation step change is kept in the store too (`StoreRecorder`), as
+the principal's detection record that `stealguard-sidecar usage --detections` prints.
 
 A detector that fails is logged by the core and the call keeps its answer: a failure never
 weakens one.
@@ -40,7 +41,8 @@ from stealguard.server.detection.escalation import WATCH, Ladder
 log = logging.getLogger("stealguard.detection")
 
 SIGNAL = "classmix"
-#: How long a principal's shared window outlives its last answer.
+#: How long a principal's shared window, and its detection record, outlive its last answer
+#: or step change.
 SHARED_TTL_S = 86_400
 
 
@@ -133,11 +135,68 @@ class ClassMixWatch:
         return self.ladder.policy_for(principal, policy)
 
 
-def ladder_of(config, named: Callable[[Policy, str], Policy]) -> Ladder:
-    """The escalation ladder of a server's detection settings."""
+class StoreRecorder:
+    """A ladder listener: each step change becomes the principal's detection record in the
+    shared store (`RedisStore.record_detection`), which `stealguard-sidecar usage
+    --detections` prints. The write is a task on the server's event loop (a step change
+    made on an inference thread is handed to it), one at a time in the order of the
+    changes, so the record is the latest step; a store that fails is logged."""
+
+    def __init__(self, store):
+        self.store = store
+        try:
+            self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # built before the loop runs: bound on the first event
+            self.loop = None
+        self._pending: set[asyncio.Task] = set()
+        self._order: asyncio.Lock | None = None  # FIFO: writes land in the order made
+
+    def __call__(self, event: dict) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None:
+            if self.loop is None or self.loop.is_closed():
+                log.warning("escalation: principal %r's step change is not recorded in the "
+                            "store (no event loop to write it from)", event["principal"])
+                return
+            self.loop.call_soon_threadsafe(self, event)
+            return
+        self.loop = loop
+        task = loop.create_task(self._write(event))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _write(self, event: dict) -> None:
+        if self._order is None:
+            self._order = asyncio.Lock()
+        try:
+            async with self._order:
+                await self.store.record_detection(event, SHARED_TTL_S)
+        except Exception as error:  # noqa: BLE001 - the record never fails a call
+            log.warning("escalation: the store did not record principal %r's step %s (%s)",
+                        event["principal"], event["step"], error)
+
+
+def shared_store(config):
+    """The `RedisStore` of a server's `--store`, or None for the memory store."""
+    if config.store in ("", "memory"):
+        return None
+    from stealguard.server.metering.redis_store import open_store
+
+    return open_store(config.store)
+
+
+def ladder_of(config, named: Callable[[Policy, str], Policy], store=None) -> Ladder:
+    """The escalation ladder of a server's detection settings; with a shared `--store`
+    (`store`, else opened here) each step change is also recorded there."""
     ladder = Ladder(config.escalate or [WATCH], after=config.escalate_after,
                     cooldown=config.detect_cooldown, allow=config.detect_allow,
                     dry_run=config.detect_dry_run, named=named)
+    store = store if store is not None else shared_store(config)
+    if store is not None:
+        ladder.listeners.append(StoreRecorder(store))
     log.info("extraction detection: %s on protected policies; ladder %s, a step per %d "
              "alarmed queries, %s%s", config.detect, " -> ".join(ladder.steps), ladder.after,
              f"one step down per {ladder.cooldown:g}s without an alarm" if ladder.cooldown
@@ -149,10 +208,6 @@ def class_mix_watch(config, named: Callable[[Policy, str], Policy]) -> ClassMixW
     """The `ClassMixWatch` of a server's settings (None unless `detect: classmix`)."""
     if config.detect != SIGNAL:
         return None
-    store = None
-    if config.store not in ("", "memory"):  # the metering store: replicas share the windows
-        from stealguard.server.metering.redis_store import open_store
-
-        store = open_store(config.store)
-    return ClassMixWatch(ladder_of(config, named), config.detect_threshold,
+    store = shared_store(config)  # the metering store: replicas share the windows
+    return ClassMixWatch(ladder_of(config, named, store), config.detect_threshold,
                          config.detect_prior, config.detect_principals, store)

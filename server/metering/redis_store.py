@@ -12,16 +12,20 @@ no keys behind.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 from stealguard.server.metering.limits import SLOTS, Limits
-from stealguard.server.metering.store import Grant, StoreError, Usage, usage_of
+from stealguard.server.metering.store import Detection, Grant, StoreError, Usage, usage_of
 
 KEY_PREFIX = "stealguard:v1:"
 #: Keys of the class-mix detector's shared windows (a list and a hash per principal and
 #: policy, one hash tag so that a cluster keeps them on one node).
 CLASSES_PREFIX = "stealguard:classmix:v1:"
+#: Each principal's latest escalation step change: a hash (`record_detection`).
+DETECT_PREFIX = "stealguard:detect:v1:"
 
 # KEYS[1]: the window (a list of class indices, oldest first); KEYS[2]: count per class.
 # ARGV: window length, expiry in seconds, then the new classes in order.
@@ -218,13 +222,8 @@ class RedisStore:
         async def read():
             seconds, micros = await self._redis.time()
             now = int(seconds) * 1_000_000 + int(micros)
-            if principal is not None:
-                keys = [KEY_PREFIX + principal]
-            else:
-                keys = [k async for k in self._redis.scan_iter(match=KEY_PREFIX + "*",
-                                                               count=1000)]
             out = []
-            for key in sorted(set(keys)):
+            for key in await self._keys(KEY_PREFIX, principal):
                 fields = await self._redis.hgetall(key)
                 name = _text(key)[len(KEY_PREFIX):]
                 out += usage_of(name, {_text(f): int(v) for f, v in fields.items()}, now)
@@ -234,6 +233,13 @@ class RedisStore:
             return await read()
         except self._errors as error:
             raise StoreError(f"{type(error).__name__}: {error}") from error
+
+    async def _keys(self, prefix: str, principal: str | None) -> list[str]:
+        """The keys of `principal` under `prefix`, or every principal's, sorted."""
+        if principal is not None:
+            return [prefix + principal]
+        return sorted({_text(k) async for k in self._redis.scan_iter(match=prefix + "*",
+                                                                      count=1000)})
 
     async def record_classes(self, key: str, labels: list[int], window: int,
                              ttl_s: int) -> tuple[int, dict[int, int]]:
@@ -246,6 +252,36 @@ class RedisStore:
         n, pairs = reply
         return int(n), {int(pairs[i]): int(pairs[i + 1]) for i in range(0, len(pairs), 2)}
 
+    async def record_detection(self, event: dict, ttl_s: int) -> None:
+        """Keep escalation `event` (a ladder step change: principal, signal, evidence, from,
+        step, dry_run) as its principal's detection record, which expires `ttl_s` seconds
+        after its last change; `stealguard-sidecar usage --detections` reads it back."""
+        key = DETECT_PREFIX + event["principal"]
+        fields = {"step": event["step"], "from": event["from"], "signal": event["signal"],
+                  "evidence": json.dumps(event["evidence"], default=str),
+                  "at": f"{event.get('at', time.time()):.3f}",
+                  "dry_run": int(bool(event["dry_run"]))}
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(key, mapping=fields)
+        pipe.hincrby(key, "changes", 1)
+        pipe.expire(key, ttl_s)
+        await self._call(pipe.execute())
+
+    async def detections(self, principal: str | None = None) -> list[Detection]:
+        """The detection records (`record_detection`), by principal."""
+        async def read():
+            out = []
+            for key in await self._keys(DETECT_PREFIX, principal):
+                fields = {_text(f): _text(v) for f, v in (await self._redis.hgetall(key)).items()}
+                if fields:
+                    out.append(_detection(key[len(DETECT_PREFIX):], fields))
+            return out
+
+        try:
+            return await read()
+        except self._errors as error:
+            raise StoreError(f"{type(error).__name__}: {error}") from error
+
     async def ping(self) -> None:
         """Raise StoreError unless the store answers."""
         await self._call(self._redis.ping())
@@ -255,6 +291,20 @@ class RedisStore:
             await self._redis.aclose()
         except self._errors:
             pass
+
+
+def _detection(principal: str, fields: dict[str, str]) -> Detection:
+    try:
+        evidence = json.loads(fields.get("evidence", "{}"))
+    except ValueError:
+        evidence = {"unreadable": fields.get("evidence", "")}
+    at = float(fields.get("at", "0") or 0)
+    return Detection(principal=principal, step=fields.get("step", "?"),
+                     previous=fields.get("from", "?"), signal=fields.get("signal", "?"),
+                     evidence=evidence,
+                     since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)),
+                     dry_run=fields.get("dry_run") == "1",
+                     changes=int(fields.get("changes", "0") or 0))
 
 
 def _text(value) -> str:

@@ -45,6 +45,22 @@ class Usage:
     rows: int
 
 
+@dataclass(frozen=True)
+class Detection:
+    """A principal's latest escalation step change (`detection.escalation`), as the shared
+    store keeps it: the step it is on, the signal and evidence that moved it, when (UTC,
+    ISO 8601), in a dry run or not, and how many step changes it has had."""
+
+    principal: str
+    step: str
+    previous: str
+    signal: str
+    evidence: dict
+    since: str
+    dry_run: bool
+    changes: int
+
+
 class Store(Protocol):
     """Where counts live. `name` says which store, for messages (no password in it)."""
 

@@ -1,6 +1,8 @@
-"""`stealguard-sidecar usage --store URL [--client NAME] [--format table|json]`: each
-principal's rows in each quota window (and `rate`: rows of its burst in use), read from
-the store that the servers share."""
+"""`stealguard-sidecar usage --store URL [--client NAME] [--format table|json]
+[--detections]`: each principal's rows in each quota window (and `rate`: rows of its burst
+in use), read from the store that the servers share; with `--detections`, each principal's
+extraction-detection record instead: the escalation step it is on, the signal and evidence
+that put it there, and since when."""
 
 from __future__ import annotations
 
@@ -23,7 +25,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="redis://HOST:PORT/DB or rediss://... (also STEALGUARD_STORE)")
     parser.add_argument("--client", help="only this principal")
     parser.add_argument("--format", choices=["table", "json"], default="table")
+    parser.add_argument("--detections", action="store_true",
+                        help="print the principals escalated by extraction detection (step, "
+                             "signal, evidence, since) instead of their rows")
     return parser
+
+
+def _print_table(table: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> None:
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for row in table:
+        cells = [f"{c:>{w}}" if i in right else f"{c:<{w}}"
+                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        print("  ".join(cells).rstrip())
+
+
+def _evidence(evidence: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in evidence.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     async def read():
         try:
+            if args.detections:
+                return await store.detections(args.client)
             return await store.usage(args.client)
         finally:
             await store.close()
@@ -52,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         json.dump([asdict(u) for u in rows], sys.stdout)
         sys.stdout.write("\n")
         return 0
-    table = [("principal", "window", "rows")] + [(u.principal, u.window, str(u.rows))
-                                                 for u in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(3)]
-    for row in table:
-        print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}")
+    if args.detections:
+        _print_table([("principal", "step", "from", "signal", "since", "evidence")] + [
+            (d.principal, d.step + (" (dry run)" if d.dry_run else ""), d.previous, d.signal,
+             d.since, _evidence(d.evidence)) for d in rows])
+        return 0
+    _print_table([("principal", "window", "rows")] + [(u.principal, u.window, str(u.rows))
+                                                      for u in rows], right=(2,))
     return 0
