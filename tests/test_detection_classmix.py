@@ -253,3 +253,17 @@ def test_the_store_window_keeps_the_last_answers_and_their_counts(tmp_path):
     assert first == (3, {1: 2, 2: 1})
     assert second == (4, {1: 1, 2: 1, 3: 2})
     assert other == (1, {1: 1})
+
+
+def test_the_class_mix_does_not_load_scipy():
+    """scipy (half a second at start) is PRADA's Shapiro-Wilk test, loaded on its first
+    score: a server detecting with the class mix never imports it."""
+    import sys
+
+    code = ("import sys, numpy as np; from stealguard.server.detection import ClassMix; "
+            "import stealguard.server.detection.outputs; "
+            "ClassMix(10, 23.0).observe('p', np.zeros(60, np.int64)); "
+            "print('scipy' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "False", done.stderr

@@ -10,7 +10,7 @@ the classes a principal is answered against the deployment's mix, on the outputs
 (`ClassMix`, which every front end can run); `escalation` the
 per-principal ladder its alarms climb (`Ladder`: watch, a policy, labels, refuse), which
 the protect core consults. Nothing here imports grpc or numba; scipy gives the
-Shapiro-Wilk test.
+Shapiro-Wilk test and loads on PRADA's first score, so the class mix never loads it.
 """
 
 from stealguard.server.detection.classmix import ClassMix

@@ -33,7 +33,6 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 from stealguard.server.errors import InvalidInput
 
 #: Distances a principal needs before it is scored (the paper's 100).
@@ -235,6 +234,8 @@ class Prada:
             d = d[np.abs(d - d.mean()) <= OUTLIER_SIGMAS * spread]
         if len(d) < 3 or np.ptp(d) == 0:
             return 1.0  # one repeated distance: no evidence either way
+        from scipy import stats  # here: half a second to load, and the class mix never needs it
+
         return float(stats.shapiro(d).statistic)
 
     def _check(self, principal: str, queries, classes) -> tuple[np.ndarray, np.ndarray]:
