@@ -188,3 +188,60 @@ def test_ci_scenario_runs_the_metering_and_envoy_profiles():
     script = (DEPLOY / "ci-scenario").read_text()
     assert "--exit-code-from metering store sidecar sidecar-2 metering" in script
     assert "check_report.py out/envoy/report.json" in script
+
+
+def test_detection_profile_runs_the_live_evaluation_against_a_watching_modelserver(services):
+    from stealguard.attacks.cli import build_parser as attack_parser
+    from stealguard.modelserver.cli import build_parser as modelserver_parser
+    from stealguard.modelserver.config import config_from
+
+    server = config_from(modelserver_parser().parse_args(
+        services["modelserver-watch"]["command"][1:]), env={})
+    assert (server.detect, server.escalate, server.trust_client_header) == (
+        "classmix", ["labels"], True)
+    assert server.store == "redis://store:6379/0"
+    detect, usage = services["detector"]["command"][0].split(" && ")
+    args = attack_parser().parse_args(detect.split()[1:])
+    assert args.target == "modelserver-watch:" + server.listen.rsplit(":", 1)[1]
+    assert args.allowed in server.detect_allow
+    assert args.attacks == ["random", "jacobian"] and args.budget == 1000
+    assert f"--store {server.store} --detections --format json" in usage
+    assert "check_detection.py out/detection" in (DEPLOY / "ci-scenario").read_text()
+
+
+def _live_result(labels_from=(51, 151), allowed=None, benign=None) -> dict:
+    return {"attacks": [{"attack": a, "principal": f"attack-x-{a}", "labels_from": q}
+                        for a, q in zip(("random", "jacobian"), labels_from, strict=True)],
+            "without_detection": [{"attack": "jacobian", "principal": "detect-eval-allowed",
+                                   "labels_from": allowed}],
+            "benign": {"clients": [{"principal": "benign-x-0", "labels_from": benign}]}}
+
+
+def _records(*principals, step="labels") -> list[dict]:
+    return [{"principal": p, "step": step, "signal": "classmix"} for p in principals]
+
+
+def test_check_detection_passes_detected_thieves_recorded_in_the_store():
+    check = load("check_detection")
+    records = _records("attack-x-random", "attack-x-jacobian")
+    assert check.problems(_live_result(), records, 1000) == []
+
+
+@pytest.mark.parametrize("result, records, message", [
+    (_live_result(labels_from=(51, None)), _records("attack-x-random", "attack-x-jacobian"),
+     "jacobian: not detected within 1000 queries"),
+    (_live_result(labels_from=(51, 1200)), _records("attack-x-random", "attack-x-jacobian"),
+     "jacobian: not detected within 1000 queries (labels from 1200)"),
+    (_live_result(), _records("attack-x-random"), "jacobian: no detection record"),
+    (_live_result(), _records("attack-x-random", "attack-x-jacobian", step="watch"),
+     "step 'watch' by 'classmix', expected 'labels'"),
+    (_live_result(allowed=300), _records("attack-x-random", "attack-x-jacobian"),
+     "allow-listed 'detect-eval-allowed' was answered labels only from query 300"),
+    (_live_result(benign=700), _records("attack-x-random", "attack-x-jacobian"),
+     "honest client benign-x-0 was answered labels only from query 700"),
+    (_live_result(), _records("attack-x-random", "attack-x-jacobian", "benign-x-0"),
+     "honest client benign-x-0 has a detection record"),
+])
+def test_check_detection_names_what_fails(result, records, message):
+    found = load("check_detection").problems(result, records, 1000)
+    assert any(message in line for line in found), found
