@@ -129,7 +129,8 @@ def compose() -> dict:
 
 
 SERVICES = {"store", "sidecar", "sidecar-2", "modelserver", "attacker", "metering",
-            "modelserver-raw", "envoy", "attacker-envoy", "loadtest"}
+            "modelserver-raw", "envoy", "attacker-envoy", "loadtest", "modelserver-watch",
+            "detector"}
 HEALTHY = {"condition": "service_healthy"}
 
 
@@ -144,12 +145,15 @@ def test_compose_services_wait_for_healthy_dependencies(compose):
     assert services["envoy"]["depends_on"] == {"sidecar": HEALTHY, "modelserver-raw": HEALTHY}
     assert services["attacker-envoy"]["depends_on"] == {"envoy": HEALTHY, "sidecar": HEALTHY}
     assert services["loadtest"]["depends_on"] == {"sidecar": HEALTHY}
+    assert services["modelserver-watch"]["depends_on"] == {"sidecar": HEALTHY}
+    assert services["detector"]["depends_on"] == {"modelserver-watch": HEALTHY}
     profiles = {name: s.get("profiles") for name, s in services.items()}
     assert profiles == {
         "store": None, "sidecar": None, "sidecar-2": None, "modelserver": None,
         "attacker": None, "metering": ["metering"], "modelserver-raw": ["envoy"],
-        "envoy": ["envoy"], "attacker-envoy": ["envoy"], "loadtest": ["loadtest"]}
-    for name in ("sidecar", "sidecar-2", "modelserver", "modelserver-raw"):
+        "envoy": ["envoy"], "attacker-envoy": ["envoy"], "loadtest": ["loadtest"],
+        "modelserver-watch": ["detection"], "detector": ["detection"]}
+    for name in ("sidecar", "sidecar-2", "modelserver", "modelserver-raw", "modelserver-watch"):
         assert services[name]["healthcheck"]["test"][:3] == ["CMD", "python3",
                                                               HEALTHCHECK_IN_IMAGE]
 
