@@ -11,6 +11,7 @@
     stealguard-attack detect --out attacks/results/detection [--budget 4000] [--clients 20] \\
         [--attacks sample,argmax,jacobian,random,knockoff]
     stealguard-attack detect --target HOST:PORT --out DIR   # through a live model server
+    stealguard-attack calibrate-detector [--answers FILE.npy]  # the class mix's prior, threshold
 
 Bad input (unknown dataset, strategy or model, unreachable target, a budget that is not a
 positive integer) ends with a one-line error and a non-zero exit status.
@@ -211,6 +212,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds to connect and per request of 100 inputs (default 30)")
     run.add_argument("--quick", action="store_true", help="short training (for tests)")
     run.add_argument("--seed", type=int, default=0)
+
+    cdet = sub.add_parser("calibrate-detector", help="the class mix's --detect-prior and "
+                          "--detect-threshold from honest traffic (prints model server YAML)")
+    cdet.add_argument("--answers", type=Path, default=None, metavar="FILE.npy",
+                      help="the model's answers to honest traffic: class indices (N,) or "
+                           "probability rows (N, K) (default: the --dataset base model's "
+                           "answers on its owner's training images)")
+    cdet.add_argument("--classes", type=positive, default=None,
+                      help="with class indices: how many classes the model has (default: the "
+                           "largest index + 1)")
+    cdet.add_argument("--dataset", type=dataset_name, default="mnist")
+    cdet.add_argument("--clients", type=positive, default=20,
+                      help="calibration clients drawn from the answers (default 20)")
+    cdet.add_argument("--per-client", type=positive, default=1000,
+                      help="answers per calibration client, in its own random order "
+                           "(default 1000, the class mix's window)")
+    cdet.add_argument("--seed", type=int, default=0)
 
     det = sub.add_parser("detect", help="PRADA against each attack and against benign "
                          "clients on the MNIST victim (queries to detection, false alarms)")
@@ -511,6 +529,53 @@ def cmd_detect(args) -> int:
     return 0
 
 
+def cmd_calibrate_detector(args) -> int:
+    import numpy as np
+    from stealguard.attacks.detection import calibrate_class_mix
+
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    if args.answers is not None:
+        try:
+            answers = np.load(args.answers, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--answers: cannot read {args.answers} as .npy ({error})") from None
+        if answers.ndim == 2 and answers.dtype.kind == "f" and answers.shape[1] >= 1:
+            classes = max(answers.shape[1], 2)
+            seen = (answers[:, 0] >= 0.5).astype(np.int64) if answers.shape[1] == 1 \
+                else answers.argmax(axis=1)
+        elif answers.ndim == 1 and answers.dtype.kind in "iu" and len(answers):
+            seen = answers.astype(np.int64)
+            classes = args.classes or int(seen.max()) + 1
+        else:
+            raise UsageError(f"--answers: expected class indices (N,) or probability rows "
+                             f"(N, K), got shape {list(answers.shape)} of {answers.dtype}")
+        source = str(args.answers)
+    else:
+        from stealguard.attacks import experiment
+        from stealguard.attacks.training import predict
+        from stealguard.modelserver.datasets import load_dataset
+
+        ds = load_dataset(args.dataset, seed=args.seed)
+        model, _ = experiment.base_model(args.dataset, seed=args.seed, log=log)
+        seen = predict(model, ds.base_x).argmax(axis=1)
+        classes = ds.num_classes
+        source = f"the {args.dataset} base model on its {len(ds.base_x)} owner training images"
+    try:
+        result = calibrate_class_mix(seen, max(classes, 2), args.clients, args.per_client,
+                                     args.seed)
+    except ValueError as error:
+        raise UsageError(f"--answers: {error}") from None
+    log(f"{result['answers']} answers from {source}; {result['clients']} clients x "
+        f"{result['per_client']} in random order reach G {result['max_g']:.2f} at most")
+    print(f"# stealguard-attack calibrate-detector: {result['answers']} answers, "
+          f"{result['clients']} clients x {result['per_client']}, largest G "
+          f"{result['max_g']:.2f}")
+    print("detect: classmix")
+    print(f"detect_threshold: {result['threshold']:g}")
+    print("detect_prior: [" + ", ".join(f"{v:g}" for v in result["prior"]) + "]")
+    return 0
+
+
 def _detect_live(args, started: float, log) -> int:
     import json
 
@@ -550,7 +615,8 @@ def _detect_live(args, started: float, log) -> int:
 
 
 COMMANDS = {"experiment": cmd_experiment, "contract": cmd_contract, "calibrate": cmd_calibrate,
-            "run": cmd_run, "detect": cmd_detect}
+            "run": cmd_run, "detect": cmd_detect,
+            "calibrate-detector": cmd_calibrate_detector}
 
 
 def main(argv: list[str] | None = None) -> int:

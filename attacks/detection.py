@@ -269,18 +269,14 @@ def class_mix(owner: np.ndarray, calibration: list[np.ndarray], benign: list[np.
     prior = np.bincount(owner.argmax(1), minlength=classes) / len(owner)
 
     def trajectories(streams, name):
-        # the threshold only decides alarms; the trajectories come before it is known
-        detector = ClassMix(classes, threshold=float(np.finfo(np.float64).max), prior=prior,
-                            max_principals=len(streams))
-        return [detector.observe(f"{name}-{i}", a.argmax(1)).scores
-                for i, a in enumerate(streams)]
+        return g_trajectories([a.argmax(1) for a in streams], classes, prior, name)
 
     def first_above(g: np.ndarray, threshold: float) -> int | None:
         above = np.flatnonzero(g > threshold)
         return int(above[0]) + 1 if len(above) else None
 
     cal = trajectories(calibration, "calibration")
-    threshold = math.ceil(max(float(np.nanmax(g)) for g in cal) * 2) / 2
+    threshold = threshold_above(cal)
     ben = trajectories(benign, "benign")
     for row, g in zip(rows, trajectories(attacks, "attack"), strict=True):
         q = first_above(g, threshold)
@@ -295,6 +291,48 @@ def class_mix(owner: np.ndarray, calibration: list[np.ndarray], benign: list[np.
             "benign_max_g": max(float(np.nanmax(g)) for g in ben),
             "benign_alarmed_clients": sum(first_above(g, threshold) is not None for g in ben),
             "benign_alarms": int(sum((g[~np.isnan(g)] > threshold).sum() for g in ben))}
+
+
+def g_trajectories(streams: list[np.ndarray], classes: int, prior: np.ndarray,
+                   name: str = "stream") -> list[np.ndarray]:
+    """G after each answer of each stream of classes (one principal each; nan before
+    `MIN_QUERIES`). The threshold only decides alarms, so none is set here."""
+    detector = ClassMix(classes, threshold=float(np.finfo(np.float64).max), prior=prior,
+                        max_principals=max(len(streams), 1))
+    return [detector.observe(f"{name}-{i}", np.asarray(s, np.int64)).scores
+            for i, s in enumerate(streams)]
+
+
+def threshold_above(calibration: list[np.ndarray]) -> float:
+    """The class mix's threshold for calibration trajectories: the largest G any of them
+    reaches, rounded up to the 0.5 grid (so none of them alarms: G must exceed it)."""
+    return math.ceil(max(float(np.nanmax(g)) for g in calibration) * 2) / 2
+
+
+def calibrate_class_mix(classes_seen: np.ndarray, classes: int, clients: int = 20,
+                        per_client: int = 1000, seed: int = 0) -> dict:
+    """`--detect-prior` and `--detect-threshold` from a calibration stream: the class of
+    each answer the model gave honest traffic. The prior is their mix; the threshold
+    comes from `clients` streams of `per_client` answers each drawn in its own random
+    order (`threshold_above`). ValueError naming what is wrong with the stream."""
+    seen = np.asarray(classes_seen)
+    if seen.ndim != 1 or seen.dtype.kind not in "iu" or len(seen) == 0:
+        raise ValueError(f"the calibration stream must be a non-empty list of class indices, "
+                         f"got shape {list(seen.shape)} of {seen.dtype}")
+    if seen.min() < 0 or seen.max() >= classes:
+        raise ValueError(f"the calibration classes must be in [0, {classes}), got "
+                         f"{seen.min()} to {seen.max()}")
+    if len(seen) < MIN_QUERIES:
+        raise ValueError(f"the calibration stream has {len(seen)} answers: the class mix "
+                         f"scores from {MIN_QUERIES}, so it needs at least that many")
+    # Jeffreys-smoothed: a class honest traffic never showed is rare, not impossible (a zero
+    # would make its first answer an infinite G)
+    prior = (np.bincount(seen, minlength=classes) + 0.5) / (len(seen) + 0.5 * classes)
+    streams = benign_clients(seen, clients, per_client, seed)
+    g = g_trajectories(streams, classes, prior, "calibration")
+    return {"prior": [round(float(v), 6) for v in prior], "threshold": threshold_above(g),
+            "max_g": max(float(np.nanmax(t)) for t in g), "answers": len(seen),
+            "clients": len(streams), "per_client": len(streams[0])}
 
 
 def _escalated(attack: str, model: nn.Module, ds: Dataset, plan: Plan, delta: float,

@@ -267,3 +267,52 @@ def test_the_class_mix_does_not_load_scipy():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.stdout.strip() == "False", done.stderr
+
+
+# -- stealguard-attack calibrate-detector: the class mix's prior and threshold ----------------
+
+def test_calibration_threshold_is_above_every_calibration_client_and_prior_is_the_mix():
+    from stealguard.attacks.detection import benign_clients, calibrate_class_mix, g_trajectories
+
+    labels = load_dataset("digits", seed=0).base_y.astype(np.int64)
+    result = calibrate_class_mix(labels, 10, clients=5, per_client=400, seed=3)
+    counts = np.bincount(labels, minlength=10)
+    assert result["prior"] == pytest.approx((counts + 0.5) / (len(labels) + 5), abs=1e-6)
+    assert (result["answers"], result["clients"], result["per_client"]) == (len(labels), 5, 400)
+    g = g_trajectories(benign_clients(labels, 5, 400, 3), 10, np.array(result["prior"]))
+    assert max(np.nanmax(t) for t in g) == pytest.approx(result["max_g"])
+    assert result["max_g"] < result["threshold"] <= result["max_g"] + 0.5
+    assert result["threshold"] * 2 == int(result["threshold"] * 2)  # the 0.5 grid
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.zeros((3, 2), np.int64), r"class indices, got shape \[3, 2\]"),
+    (np.array([0.5, 1.0]), "of float64"),
+    (np.array([0, 12]), r"in \[0, 10\), got 0 to 12"),
+    (np.zeros(10, np.int64), "has 10 answers: the class mix scores from 50"),
+])
+def test_a_bad_calibration_stream_names_what_is_wrong(labels, message):
+    from stealguard.attacks.detection import calibrate_class_mix
+
+    with pytest.raises(ValueError, match=message):
+        calibrate_class_mix(labels, 10)
+
+
+def test_calibrate_detector_prints_model_server_yaml_from_probability_rows(tmp_path):
+    import yaml
+
+    rows = _digits_rows()
+    path = tmp_path / "answers.npy"
+    np.save(path, rows)
+    done = subprocess.run([script("stealguard-attack"), "calibrate-detector", "--answers",
+                           str(path), "--clients", "4", "--per-client", "300"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    settings = yaml.safe_load(done.stdout)
+    assert settings["detect"] == "classmix" and len(settings["detect_prior"]) == 10
+    assert settings["detect_threshold"] > 0
+    assert sum(settings["detect_prior"]) == pytest.approx(1, abs=1e-4)
+    bad = subprocess.run([script("stealguard-attack"), "calibrate-detector", "--answers",
+                          str(tmp_path / "missing.npy")], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--answers" in bad.stderr
