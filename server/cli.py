@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def build_policies(specs, secret):
+        from stealguard.server.launch import start_numba
+
+        start_numba()
         from stealguard.server.policies import PolicySet
 
         return PolicySet.from_config(specs, secret)

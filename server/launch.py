@@ -15,19 +15,31 @@ longer knows would only log an error on every start.
 from __future__ import annotations
 
 import os
+import re
+import sys
+import threading
 from collections.abc import Callable
-from importlib import import_module, metadata
+from importlib import import_module
+from importlib.util import find_spec
+from pathlib import Path
 
 POLLER = "-event_engine_client,-event_engine_listener"
 CHECKED = ((1, 74), (1, 85))  # the grpcio releases (major, minor) that know both experiments
 
 
 def _grpcio_release() -> tuple[int, int] | None:
+    """grpcio's (major, minor), from the version file it ships, read without importing grpc
+    (and without `importlib.metadata`, whose scan of every installed package cost about
+    20 ms of each start)."""
     try:
-        major, minor = metadata.version("grpcio").split(".")[:2]
-        return int(major), int(minor)
-    except (metadata.PackageNotFoundError, ValueError):
+        spec = find_spec("grpc")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = Path(spec.submodule_search_locations[0]) / "_grpcio_metadata.py"
+        found = re.search(r"""__version__\s*=\s*['"]+(\d+)\.(\d+)""", path.read_text())
+    except (OSError, ValueError):
         return None
+    return (int(found[1]), int(found[2])) if found else None
 
 
 def prefer_poller() -> None:
@@ -36,6 +48,49 @@ def prefer_poller() -> None:
     release = _grpcio_release()
     if release is not None and CHECKED[0] <= release <= CHECKED[1]:
         os.environ.setdefault("GRPC_EXPERIMENTS", POLLER)
+
+
+class _HiddenFromThisThread:
+    """A `sys.meta_path` finder that makes `package` (and its modules) unimportable from the
+    thread that created it, and changes nothing for any other thread."""
+
+    def __init__(self, package: str):
+        self.package = package
+        self.thread = threading.get_ident()
+
+    def find_spec(self, name, path=None, target=None):
+        if threading.get_ident() == self.thread and (
+                name == self.package or name.startswith(self.package + ".")):
+            raise ModuleNotFoundError(f"{name} is not imported while numba starts",
+                                      name=name)
+        return None
+
+
+def start_numba() -> None:
+    """Import numba and start its CPU target with scipy hidden, for a process that is about
+    to run kernels (the sidecar, the proxy).
+
+    numba probes scipy twice before its first compiled call: `import numba` imports scipy
+    to check its version, and starting the CPU target (on the first compile or cache load)
+    imports scipy.linalg's BLAS and LAPACK bindings, for `np.dot` and `np.linalg`, which no
+    kernel here uses. Where scipy is installed that is about 0.35 s of a 1.2 s cached start
+    (`bench/cold_start.py`); cffi, for numba's cffi support (unused too), is hidden as well
+    (about 12 ms). Afterwards both import as usual (PRADA's Shapiro-Wilk test
+    loads it when it first scores); only numba's linear algebra stays off in this process.
+    Not done on a plain `import stealguard.server.defenses`, so a program that embeds the
+    defenses next to numba code of its own keeps numba's BLAS."""
+    if "numba" in sys.modules:
+        return  # started already; hiding scipy now would change nothing numba does
+    hidden = [_HiddenFromThisThread(package) for package in ("scipy", "cffi")]
+    sys.meta_path[:0] = hidden
+    try:
+        import numba  # noqa: F401 - its import is the first probe
+        from numba.core.registry import cpu_target
+
+        cpu_target.target_context.refresh()  # the second: what a first compile would do
+    finally:
+        for finder in hidden:
+            sys.meta_path.remove(finder)
 
 
 def _command(module: str) -> Callable[[], int]:

@@ -57,3 +57,31 @@ def test_an_unchecked_grpcio_keeps_its_defaults(monkeypatch):
     monkeypatch.setattr(launch, "_grpcio_release", lambda: (1, 99))
     launch.prefer_poller()
     assert "GRPC_EXPERIMENTS" not in os.environ
+
+
+def test_numba_starts_without_scipy_and_scipy_imports_afterwards():
+    code = ("import sys; from stealguard.server import launch; launch.start_numba(); "
+            "print('scipy' in sys.modules, 'scipy.linalg' in sys.modules, "
+            "'cffi' in sys.modules); "
+            "import numpy as np; from stealguard.server.policies import PolicySet; "
+            "policy = PolicySet.from_config({'default': {'defense': 'reverse_sigmoid', "
+            "'beta': 1.5, 'gamma': 0.3}}, b'key').resolve('default'); "
+            "rows = np.array([[0.7, 0.2, 0.1]], dtype=np.float32); "
+            "print(policy.perturb(rows).argmax(axis=1).tolist()); "
+            "import scipy.stats; print(round(float(scipy.stats.shapiro([1, 2, 3, 4.5])"
+            ".statistic), 3))")
+    assert _fresh_python(code).splitlines() == ["False False False", "[0]", "0.989"]
+
+
+def test_numba_started_by_another_thread_hides_nothing_from_this_one():
+    finder = launch._HiddenFromThisThread("scipy")
+    import threading
+
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(finder.find_spec("scipy.linalg")))
+    thread.start()
+    thread.join()
+    assert seen == [None]
+    with pytest.raises(ModuleNotFoundError, match="while numba starts"):
+        finder.find_spec("scipy.linalg")
+    assert finder.find_spec("scipyx") is None

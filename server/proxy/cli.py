@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     def build_policies(specs, secret):
+        from stealguard.server.launch import start_numba
+
+        start_numba()
         from stealguard.server.proxy.options import ProxyPolicies
 
         return ProxyPolicies.from_config(specs, secret)
