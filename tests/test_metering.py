@@ -27,6 +27,7 @@ from stealguard.server.metering import (
     parse_quota,
 )
 from stealguard.server.metering import metrics as metering_metrics
+from stealguard.server.metering.inflight import IdleTimeout, StreamIdle
 from stealguard.server.metering.limits import SLOTS
 from stealguard.server.metering.redis_store import KEY_PREFIX, redacted
 from stealguard.server.platform.status import grpc_status
@@ -388,6 +389,58 @@ def test_one_principal_cannot_take_more_than_its_stream_slots():
     for _ in range(3):
         slots.leave("hog", True)
     assert slots.held("hog", True) == 0 and slots._held == {("honest", True): 1}
+
+
+async def _spaced(count: int, gap: float):
+    for i in range(count):
+        await asyncio.sleep(gap)
+        yield i
+
+
+def test_idle_timeout_times_each_wait_not_the_stream():
+    """Messages 0.1 s apart for 2.5 s pass a 1 s idle timeout (its one timer, due first at
+    1 s, finds a message came since and is set again); silence then ends the stream."""
+    async def consume():
+        got = [m async for m in IdleTimeout(_spaced(25, 0.1), 1.0)]
+        assert got == list(range(25))
+        # answered, then abandoned: when its timer comes due during the wait below, it
+        # must not cancel this task, which is no longer waiting on it
+        stream = IdleTimeout(_spaced(2, 0.0), 0.05)
+        assert await stream.__anext__() == 0
+
+        async def silent():
+            await asyncio.sleep(3600)
+            yield None
+
+        with pytest.raises(StreamIdle, match="0.05 s"):
+            await IdleTimeout(silent(), 0.05).__anext__()
+        assert not asyncio.current_task().cancelling()  # the idle cancel was taken back
+
+    run(consume())
+
+
+def test_idle_timeout_lets_a_drain_cancel_through_and_does_not_keep_an_ended_stream():
+    import gc
+    import weakref
+
+    async def consume():
+        async def silent():
+            await asyncio.sleep(3600)
+            yield None
+
+        waiting = asyncio.ensure_future(IdleTimeout(silent(), 30.0).__anext__())
+        await asyncio.sleep(0.01)
+        waiting.cancel()  # a drain's cancel is not an idle stream
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        stream = IdleTimeout(_spaced(5, 0.0), 30.0)
+        await stream.__anext__()  # answered, then abandoned: its timer is still due
+        ref = weakref.ref(stream)
+        del stream
+        gc.collect()
+        assert ref() is None
+
+    run(consume())
 
 
 # --- the operator's view ------------------------------------------------------------------

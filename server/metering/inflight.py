@@ -10,6 +10,7 @@ one row for opening it, and `StreamIdle` when it sends nothing for the idle time
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import contextmanager
 
@@ -121,19 +122,79 @@ class StreamGuard:
         if self.slots is not None:
             self.slots.leave(principal, True)
 
-    async def messages(self, requests: AsyncIterator) -> AsyncIterator:
+    def messages(self, requests: AsyncIterator) -> AsyncIterator:
         """The messages of `requests`; StreamIdle when the next one takes longer than the
-        idle timeout (a timer, no task per message)."""
-        iterator = requests.__aiter__()
-        while True:
-            try:
-                if self.idle_timeout > 0:
-                    async with asyncio.timeout(self.idle_timeout):
-                        message = await iterator.__anext__()
-                else:
-                    message = await iterator.__anext__()
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise StreamIdle(self.idle_timeout) from None
-            yield message
+        idle timeout (`IdleTimeout`: one timer per stream, not one per message)."""
+        if self.idle_timeout > 0:
+            return IdleTimeout(requests, self.idle_timeout)
+        return requests.__aiter__()
+
+
+class IdleTimeout:
+    """`requests`, raising `StreamIdle` when a wait for the next message lasts `timeout`.
+
+    What it costs per message is noting when the wait began: one timer per stream is due
+    at the earliest moment the current wait could time out, and when it fires it either
+    ends the wait (cancels the waiting task, which then raises StreamIdle) or, finding
+    that a message came since, is set again for the current wait's deadline (or not at
+    all while the stream is being answered; the next wait sets it). The timer holds the
+    stream weakly: a stream that ended is not kept for the rest of the timeout.
+    """
+
+    __slots__ = ("_iterator", "_timeout", "_loop", "_timer", "_waiter", "_since",
+                 "_expired", "__weakref__")
+
+    def __init__(self, requests: AsyncIterator, timeout: float):
+        self._iterator = requests.__aiter__()
+        self._timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiter: asyncio.Task | None = None  # the task waiting for a message, if any
+        self._since = 0.0  # when that wait began (loop time)
+        self._expired = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        self._since = self._loop.time()
+        self._waiter = asyncio.current_task()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._since + self._timeout, _idle_check,
+                                             weakref.ref(self))
+        try:
+            return await self._iterator.__anext__()
+        except asyncio.CancelledError:
+            if self._expired and self._waiter is not None and \
+                    self._waiter.uncancel() == 0:  # ours, and no one else's cancel
+                self._stop()
+                raise StreamIdle(self._timeout) from None
+            self._stop()
+            raise
+        except BaseException:  # the end of the stream, or its error
+            self._stop()
+            raise
+        finally:
+            self._waiter = None
+
+    def _stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._waiter is None:  # being answered: the next wait sets the timer again
+            return
+        deadline = self._since + self._timeout
+        if self._loop.time() < deadline:  # a message came since: time the current wait
+            self._timer = self._loop.call_at(deadline, _idle_check, weakref.ref(self))
+            return
+        self._expired = True
+        self._waiter.cancel()
+
+
+def _idle_check(stream: weakref.ref) -> None:
+    alive = stream()
+    if alive is not None:
+        alive._check()
