@@ -71,12 +71,17 @@ def archive(name: str, handler: str, work: Path, store: Path,
     for file_name, text in (extra_files or {}).items():
         (folder / file_name).write_text(text)
         extras.append(str(folder / file_name))
+    # the archiver stages its files in $TMPDIR/<model name>, which it removes after: a
+    # folder of this test's own, so that runs on one machine cannot remove each other's
+    staging = work / f".archiver-{name}"
+    staging.mkdir()
     subprocess.run(
         [command("torch-model-archiver"), "--model-name", name, "--version", "1.0",
          "--model-file", str(folder / "model.py"), "--serialized-file", str(model.weights),
          "--handler", handler, *(["--extra-files", ",".join(extras)] if extras else []),
          "--export-path", str(store)],
         check=True, cwd=folder, capture_output=True, timeout=120,
+        env={**os.environ, "TMPDIR": str(staging)},
     )
 
 

@@ -13,12 +13,18 @@ import numpy as np
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
+from google.protobuf import struct_pb2
 from stealguard.compat.kserve import grpc_predict_v2_pb2 as v2
 from stealguard.compat.torchserve import inference_pb2
 from stealguard.server.errors import Unavailable
 from stealguard.server.extproc import bodies
 from stealguard.server.extproc.frames import FrameError, deframe, frame
-from stealguard.server.extproc.servicer import LABEL_ONLY_HEADER, ExternalProcessorServicer
+from stealguard.server.extproc.servicer import (
+    ATTRIBUTES,
+    LABEL_ONLY_HEADER,
+    NO_ROUTE,
+    ExternalProcessorServicer,
+)
 from stealguard.server.proxy.errors import Unrecognized
 from stealguard.server.proxy.options import ProxyPolicies
 
@@ -178,17 +184,33 @@ def _headers(**values) -> ext.HttpHeaders:
                              raw_value=v.encode()) for k, v in values.items()]))
 
 
-def _exchange(protect, path: str, body: bytes, *, status="200",
-              response_headers: dict | None = None) -> list[ext.ProcessingResponse]:
+def _attributes(**values) -> dict:
+    """What Envoy sends for deploy/envoy/envoy.yaml's `response_attributes`."""
+    struct = struct_pb2.Struct()
+    struct.update(values)
+    return {ATTRIBUTES: struct}
+
+
+def _exchange(protect, path: str, body: bytes, *, status="200", method="POST",
+              response_headers: dict | None = None,
+              skip_request: bool = False) -> list[ext.ProcessingResponse]:
+    """The servicer's replies to one HTTP request's messages. `skip_request`: Envoy skips
+    the request headers and sends their facts as attributes of the response headers."""
     service = ExternalProcessorServicer(protect, POLICIES.resolve, principal_header="x-client-id",
                                         max_bytes=1 << 20)
-    messages = [
-        ext.ProcessingRequest(request_headers=_headers(
-            PATH=path, METHOD="POST", content_type="application/json", x_client_id="alice")),
-        ext.ProcessingRequest(response_headers=_headers(
-            STATUS=status, content_length=str(len(body)), **(response_headers or {}))),
-        ext.ProcessingRequest(response_body=ext.HttpBody(body=body, end_of_stream=True)),
-    ]
+    response = ext.ProcessingRequest(response_headers=_headers(
+        STATUS=status, content_length=str(len(body)), **(response_headers or {})))
+    messages = [response,
+                ext.ProcessingRequest(response_body=ext.HttpBody(body=body, end_of_stream=True))]
+    if skip_request:
+        for key, value in _attributes(**{
+                "request.path": path, "request.method": method, "response.code": float(status),
+                "request.headers['content-type']": "application/json",
+                "request.headers['X-Client-Id']": "alice"}).items():
+            response.attributes[key].CopyFrom(value)
+    else:
+        messages.insert(0, ext.ProcessingRequest(request_headers=_headers(
+            PATH=path, METHOD=method, content_type="application/json", x_client_id="alice")))
 
     async def run():
         async def requests():
@@ -214,6 +236,49 @@ def test_servicer_rewrites_the_body_sets_content_length_and_charges_the_principa
     assert (length.header.key, length.header.raw_value) == (
         "content-length", str(len(common.body_mutation.body)).encode())
     assert calls == [("mnist", "alice", (1, 3))]
+
+
+def test_skipped_request_headers_are_read_from_the_response_attributes():
+    calls = []
+
+    async def protect(rows, model, principal):
+        calls.append((model, principal, rows.shape))
+        return np.round(rows[..., ::-1], 3), "default"
+
+    headers, body = _exchange(protect, "/predictions/mnist", b"[[0.1, 0.2, 0.7]]",
+                              skip_request=True)
+    assert not headers.HasField("mode_override")  # the body is asked for, as configured
+    assert json.loads(body.response_body.response.body_mutation.body) == [[0.7, 0.2, 0.1]]
+    assert calls == [("mnist", "alice", (1, 3))]
+
+
+def test_skipped_request_headers_pass_other_calls_and_errors_without_their_body():
+    async def protect(rows, model, principal):
+        raise AssertionError("not called")
+
+    for path, method, status in (("/ping", "GET", "200"), ("/predictions/m", "GET", "200"),
+                                 ("/predictions/m", "POST", "503")):
+        headers = _exchange(protect, path, b"{}", method=method, status=status,
+                            skip_request=True)[0]
+        assert headers.mode_override.response_body_mode == headers.mode_override.NONE
+
+
+def test_response_headers_without_request_headers_or_attributes_are_refused():
+    service = ExternalProcessorServicer(None, POLICIES.resolve, principal_header="x-client-id",
+                                        max_bytes=1024)
+
+    async def run(content_type):
+        async def requests():
+            yield ext.ProcessingRequest(response_headers=_headers(
+                STATUS="200", content_type=content_type))
+        return [reply async for reply in service.Process(requests(), None)]
+
+    (rest,) = asyncio.run(run("application/json"))
+    assert rest.immediate_response.status.code == 503
+    assert json.loads(rest.immediate_response.body)["error"] == NO_ROUTE
+    (call,) = asyncio.run(run("application/grpc"))
+    assert call.immediate_response.grpc_status.status == (
+        grpc.StatusCode.FAILED_PRECONDITION.value[0])
 
 
 def test_servicer_answers_label_only_while_the_sidecar_cannot_protect():

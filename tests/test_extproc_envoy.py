@@ -111,6 +111,23 @@ def test_v2_rest_answer_through_envoy_is_the_sidecars_perturbation_of_mlservers(
     assert document["outputs"][0]["shape"] == [3, 3]
 
 
+def test_calls_without_probabilities_pass_through_envoy_unchanged(stack):
+    """Envoy skips the request headers (deploy/envoy/envoy.yaml): the processor learns the
+    route from the response attributes and turns body processing off for these."""
+    _, mlserver, envoy, _ = stack
+
+    def get(base: str, path: str) -> tuple[int, bytes]:
+        with urllib.request.urlopen(base + path, timeout=10) as reply:
+            return reply.status, reply.read()
+
+    for path in (f"/v2/models/{MLSERVER_MODEL}", "/v2/health/ready"):
+        assert get(envoy.url, path) == get(envoy.raw_url, path)
+    with grpc.insecure_channel(envoy.url.removeprefix("http://")) as channel:
+        metadata = v2_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
+            v2.ModelMetadataRequest(name=MLSERVER_MODEL), timeout=20)
+    assert metadata.name == MLSERVER_MODEL
+
+
 def test_v2_grpc_model_infer_through_envoy_is_the_sidecars_perturbation(stack):
     sidecar, mlserver, envoy, _ = stack
     request = v2.ModelInferRequest(

@@ -32,12 +32,17 @@ def stack(tmp_path_factory):
     work = tmp_path_factory.mktemp("extproc-torchserve")
     store = work / "model-store"
     store.mkdir()
-    for name in ("mnist", "mnist-topk"):
+    for name in ("mnist", "mnist-topk", "mnist-grpc"):
         archive(name, str(HANDLER), work, store)
-    sidecar, address = start_sidecar()
+    # "mnist" gets its own policy, so an answer protected under the default instead (the
+    # model not learned from a TorchServe gRPC request) shows
+    (work / "stealguard.yaml").write_text(
+        "policies:\n  default: {defense: coarse_confidence}\n"
+        "  mnist-grpc: {defense: reverse_sigmoid, beta: 1.5, gamma: 0.3}\n")
+    sidecar, address = start_sidecar("--config", str(work / "stealguard.yaml"))
     envoy = None
     try:
-        with running_torchserve(work, store, ["mnist", "mnist-topk"]) as ports:
+        with running_torchserve(work, store, ["mnist", "mnist-topk", "mnist-grpc"]) as ports:
             rest, grpc_address = f"127.0.0.1:{ports['inference']}", f"127.0.0.1:{ports['grpc']}"
             nobody = f"127.0.0.1:{free_port()}"
             envoy = Envoy(work, {"stealguard": address, "torchserve_rest": rest,
@@ -89,16 +94,22 @@ def test_rest_top_k_dict_keeps_its_labels_and_order_and_is_perturbed_with_the_re
 
 
 def test_grpc_predictions_through_envoy_are_the_sidecars_perturbation(stack):
+    """The model comes from the request message (Envoy sends the request on this route
+    only, deploy/envoy/envoy.yaml): its own policy protects the answer, not the default."""
     sidecar, envoy, torchserve = stack
     images = npy_bytes(mnist_test_images(3))
     direct, proxied = TorchServeClient(torchserve), TorchServeClient(
         envoy.url.removeprefix("http://"))
     try:
-        raw = direct.predict("mnist", images, timeout=60)
-        answer = proxied.predict("mnist", images, timeout=60)
+        raw = direct.predict("mnist-grpc", images, timeout=60)
+        answer = proxied.predict("mnist-grpc", images, timeout=60)
     finally:
         direct.close()
         proxied.close()
     assert answer.shape == (3, 10)
     with DefenseClient(sidecar, timeout=10) as defense:
-        assert_protected_like(answer, defense.perturb(raw, model="mnist"), raw)
+        expected = defense.perturb(raw, model="mnist-grpc")
+        under_default = defense.perturb(raw, model="")
+    np.testing.assert_allclose(answer, expected, rtol=0, atol=1e-6)
+    assert not np.allclose(answer, under_default, rtol=0, atol=1e-3)
+    assert not np.allclose(answer, raw, rtol=0, atol=1e-3)

@@ -6,8 +6,14 @@ response body. Each stream is an `_Exchange`:
 
 - request headers: the route (`bodies.route_of`) and the end principal (the configured
   header, which the gateway sets, else the caller of this stream); the answer sets the
-  processing mode for this request, so calls that carry no probabilities pass untouched;
-- response headers: a non-2xx answer carries an error, not probabilities, and passes;
+  processing mode for this request, so calls that carry no probabilities pass untouched.
+  Envoy may skip them (`request_header_mode: SKIP`, as deploy/envoy/envoy.yaml does on
+  every route but TorchServe gRPC's): the same facts then come with the response headers
+  as `response_attributes` (`request.path`, `request.method` and the request's
+  `content-type` and principal header), one message fewer per request. Response headers
+  with neither are refused (503): the route is unknown, so nothing may pass;
+- response headers: a non-2xx answer carries an error, not probabilities, and passes (the
+  body is not sent to the processor);
 - response body: parsed, its rows protected by the protect core (limits, metering and
   metrics for the end principal), the body rewritten with `content-length` fixed. Fail
   closed: rows that parsed but cannot be protected now (warming up, draining, a bug) are
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -53,12 +60,23 @@ INVALID = "invalid"
 
 SERVICE = ext.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
 LABEL_ONLY_HEADER = "x-stealguard-label-only"
+#: Where Envoy puts the `request_attributes`/`response_attributes` of its ext_proc filter.
+ATTRIBUTES = "envoy.filters.http.ext_proc"
+_HEADER_ATTRIBUTE = re.compile(r"""request\.headers\[\s*['"]([^'"]+)['"]\s*\]""")
+NO_ROUTE = ("stealguard cannot tell which API this answer belongs to: Envoy sent neither "
+            "the request headers nor the request.path, request.method and "
+            "request.headers['content-type'] response attributes; configure the ext_proc "
+            "filter as deploy/envoy/envoy.yaml does")
 
 _Mode = processing_mode_pb2.ProcessingMode
 # Calls with no probabilities: nothing more is sent to the processor.
 _PASS = _Mode(request_header_mode=_Mode.SEND, response_header_mode=_Mode.SKIP,
               request_body_mode=_Mode.NONE, response_body_mode=_Mode.NONE,
               request_trailer_mode=_Mode.SKIP, response_trailer_mode=_Mode.SKIP)
+# An answer that passes, told at its response headers: its body is not sent.
+_PASS_BODY = _Mode(request_header_mode=_Mode.SKIP, response_header_mode=_Mode.SEND,
+                   request_body_mode=_Mode.NONE, response_body_mode=_Mode.NONE,
+                   request_trailer_mode=_Mode.SKIP, response_trailer_mode=_Mode.SKIP)
 _PROTECT = _Mode(request_header_mode=_Mode.SEND, response_header_mode=_Mode.SEND,
                  request_body_mode=_Mode.NONE, response_body_mode=_Mode.BUFFERED,
                  request_trailer_mode=_Mode.SKIP, response_trailer_mode=_Mode.SKIP)
@@ -104,13 +122,19 @@ class _Exchange:
         self.service = service
         self.principal = caller
         self.route: bodies.Route | None = None
+        self.seen_request = False  # Envoy sent the request headers (not skipped)
         self.passes = False  # the answer is an error: it passes unchanged
         self.headers: dict[str, str] = {}
 
     async def answer(self, request: ext.ProcessingRequest) -> ext.ProcessingResponse:
         kind = request.WhichOneof("request")
         if kind == "request_headers":
-            return self._request_headers(_headers(request.request_headers))
+            self.seen_request = True
+            refusal = self._learn_request(_headers(request.request_headers))
+            if refusal is not None:
+                return refusal
+            return ext.ProcessingResponse(request_headers=ext.HeadersResponse(),
+                                          mode_override=self._request_mode())
         if kind == "request_body":
             if self.route is not None and self.route.api == bodies.TORCHSERVE_GRPC:
                 model = bodies.request_model(request.request_body.body,
@@ -119,16 +143,14 @@ class _Exchange:
                 self.route = bodies.Route(self.route.api, model)
             return ext.ProcessingResponse(request_body=ext.BodyResponse())
         if kind == "response_headers":
-            headers = _headers(request.response_headers)
-            self.headers = headers
-            status = headers.get(":status", "200")
-            self.passes = not status.startswith("2")
-            return ext.ProcessingResponse(response_headers=ext.HeadersResponse())
+            return self._response_headers(request)
         if kind == "response_body":
             return await self._response_body(request.response_body.body)
         return ext.ProcessingResponse(**{kind: ext.TrailersResponse()})
 
-    def _request_headers(self, headers: dict[str, str]) -> ext.ProcessingResponse:
+    def _learn_request(self, headers: dict[str, str]) -> ext.ProcessingResponse | None:
+        """The route and end principal from the request's headers (or the attributes that
+        stand for them); a refusal for a call that is never protected here."""
         self.principal = headers.get(self.service.principal_header) or self.principal
         self.route = bodies.route_of(headers.get(":method", ""), headers.get(":path", ""),
                                      headers.get("content-type", ""))
@@ -136,13 +158,34 @@ class _Exchange:
             return _grpc_error(grpc.StatusCode.UNIMPLEMENTED,
                                f"{self.route.api}: streaming inference is not protected "
                                "through Envoy ext_proc; call the unary method")
-        mode = (_PASS if self.route is None
-                else _PROTECT_WITH_REQUEST if self.route.api == bodies.TORCHSERVE_GRPC
-                else _PROTECT)
         if self.route is not None:
             # kept for gRPC's grpc-encoding of the request message
             self.headers = headers
-        return ext.ProcessingResponse(request_headers=ext.HeadersResponse(), mode_override=mode)
+        return None
+
+    def _request_mode(self) -> _Mode:
+        return (_PASS if self.route is None
+                else _PROTECT_WITH_REQUEST if self.route.api == bodies.TORCHSERVE_GRPC
+                else _PROTECT)
+
+    def _response_headers(self, request: ext.ProcessingRequest) -> ext.ProcessingResponse:
+        headers = _headers(request.response_headers)
+        if not self.seen_request:  # Envoy skipped them: the attributes stand for them
+            facts = _request_facts(request)
+            if facts is None:
+                log.error("%s", NO_ROUTE)
+                if headers.get("content-type", "").startswith("application/grpc"):
+                    return _grpc_error(grpc.StatusCode.FAILED_PRECONDITION, NO_ROUTE)
+                return _refusal(None, INVALID, NO_ROUTE)
+            refusal = self._learn_request(facts)
+            if refusal is not None:
+                return refusal
+        self.headers = headers
+        self.passes = not headers.get(":status", "200").startswith("2")
+        if self.route is None or self.passes:  # nothing to protect: the body goes by
+            return ext.ProcessingResponse(response_headers=ext.HeadersResponse(),
+                                          mode_override=_PASS_BODY)
+        return ext.ProcessingResponse(response_headers=ext.HeadersResponse())
 
     async def _response_body(self, body: bytes) -> ext.ProcessingResponse:
         route = self.route
@@ -247,6 +290,25 @@ def _grpc_error(code: grpc.StatusCode, message: str) -> ext.ProcessingResponse:
         status=http_status_pb2.HttpStatus(code=200),
         grpc_status=ext.GrpcStatus(status=code.value[0]),
         body=message.encode(), details=f"stealguard_{code.name.lower()}"))
+
+
+def _request_facts(request: ext.ProcessingRequest) -> dict[str, str] | None:
+    """The request's `:path`, `:method` and headers from the attributes Envoy sent with
+    this message (`request.path`, `request.method`, `request.headers['name']`), or None
+    without `request.path`. A header the request lacked is absent, as Envoy leaves it out."""
+    if ATTRIBUTES not in request.attributes:
+        return None
+    fields = request.attributes[ATTRIBUTES].fields
+    if "request.path" not in fields:
+        return None
+    facts = {":path": fields["request.path"].string_value}
+    if "request.method" in fields:
+        facts[":method"] = fields["request.method"].string_value
+    for key, value in fields.items():
+        header = _HEADER_ATTRIBUTE.fullmatch(key)
+        if header is not None and value.HasField("string_value"):
+            facts[header.group(1).lower()] = value.string_value
+    return facts
 
 
 def _headers(message: ext.HttpHeaders) -> dict[str, str]:
