@@ -164,15 +164,11 @@ class IdleTimeout:
                                              weakref.ref(self))
         try:
             return await self._iterator.__anext__()
-        except asyncio.CancelledError:
-            if self._expired and self._waiter is not None and \
+        except BaseException as error:  # the end of the stream, its error, or a cancel
+            self._stop()
+            if isinstance(error, asyncio.CancelledError) and self._expired and \
                     self._waiter.uncancel() == 0:  # ours, and no one else's cancel
-                self._stop()
                 raise StreamIdle(self._timeout) from None
-            self._stop()
-            raise
-        except BaseException:  # the end of the stream, or its error
-            self._stop()
             raise
         finally:
             self._waiter = None
