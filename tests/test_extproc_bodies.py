@@ -263,6 +263,35 @@ def test_skipped_request_headers_pass_other_calls_and_errors_without_their_body(
         assert headers.mode_override.response_body_mode == headers.mode_override.NONE
 
 
+def test_attributes_without_the_method_are_refused_and_a_missing_content_type_is_the_answers():
+    """A filter configured with fewer attributes must not make an inference answer look
+    like a call without probabilities (which passes raw)."""
+    async def protect(rows, model, principal):
+        return rows, "default"
+
+    service = ExternalProcessorServicer(protect, POLICIES.resolve,
+                                        principal_header="x-client-id", max_bytes=1 << 20)
+
+    async def first_reply(attributes, content_type):
+        response = ext.ProcessingRequest(response_headers=_headers(
+            STATUS="200", content_type=content_type))
+        for key, value in _attributes(**attributes).items():
+            response.attributes[key].CopyFrom(value)
+
+        async def requests():
+            yield response
+        return [reply async for reply in service.Process(requests(), None)][0]
+
+    no_method = asyncio.run(first_reply({"request.path": "/predictions/m"},
+                                        "application/json"))
+    assert no_method.immediate_response.status.code == 503
+    grpc_call = asyncio.run(first_reply(
+        {"request.path": "/inference.GRPCInferenceService/ModelInfer",
+         "request.method": "POST"}, "application/grpc"))
+    assert not grpc_call.HasField("mode_override")  # its body is asked for: protected
+    assert not grpc_call.HasField("immediate_response")
+
+
 def test_response_headers_without_request_headers_or_attributes_are_refused():
     service = ExternalProcessorServicer(None, POLICIES.resolve, principal_header="x-client-id",
                                         max_bytes=1024)

@@ -64,9 +64,8 @@ LABEL_ONLY_HEADER = "x-stealguard-label-only"
 ATTRIBUTES = "envoy.filters.http.ext_proc"
 _HEADER_ATTRIBUTE = re.compile(r"""request\.headers\[\s*['"]([^'"]+)['"]\s*\]""")
 NO_ROUTE = ("stealguard cannot tell which API this answer belongs to: Envoy sent neither "
-            "the request headers nor the request.path, request.method and "
-            "request.headers['content-type'] response attributes; configure the ext_proc "
-            "filter as deploy/envoy/envoy.yaml does")
+            "the request headers nor the request.path and request.method response "
+            "attributes; configure the ext_proc filter as deploy/envoy/envoy.yaml does")
 
 _Mode = processing_mode_pb2.ProcessingMode
 # Calls with no probabilities: nothing more is sent to the processor.
@@ -171,7 +170,7 @@ class _Exchange:
     def _response_headers(self, request: ext.ProcessingRequest) -> ext.ProcessingResponse:
         headers = _headers(request.response_headers)
         if not self.seen_request:  # Envoy skipped them: the attributes stand for them
-            facts = _request_facts(request)
+            facts = _request_facts(request, headers)
             if facts is None:
                 log.error("%s", NO_ROUTE)
                 if headers.get("content-type", "").startswith("application/grpc"):
@@ -292,22 +291,28 @@ def _grpc_error(code: grpc.StatusCode, message: str) -> ext.ProcessingResponse:
         body=message.encode(), details=f"stealguard_{code.name.lower()}"))
 
 
-def _request_facts(request: ext.ProcessingRequest) -> dict[str, str] | None:
+def _request_facts(request: ext.ProcessingRequest,
+                   response_headers: dict[str, str]) -> dict[str, str] | None:
     """The request's `:path`, `:method` and headers from the attributes Envoy sent with
     this message (`request.path`, `request.method`, `request.headers['name']`), or None
-    without `request.path`. A header the request lacked is absent, as Envoy leaves it out."""
+    without the path or the method (every request has both: the filter is not configured
+    to send them). A header the request lacked is absent, as Envoy leaves it out; so is
+    one the filter was not asked for, which is why a missing content type is taken from
+    the answer (a gRPC answer is application/grpc): an inference call is never mistaken
+    for one without probabilities and passed."""
     if ATTRIBUTES not in request.attributes:
         return None
     fields = request.attributes[ATTRIBUTES].fields
-    if "request.path" not in fields:
+    if "request.path" not in fields or "request.method" not in fields:
         return None
-    facts = {":path": fields["request.path"].string_value}
-    if "request.method" in fields:
-        facts[":method"] = fields["request.method"].string_value
+    facts = {":path": fields["request.path"].string_value,
+             ":method": fields["request.method"].string_value}
     for key, value in fields.items():
         header = _HEADER_ATTRIBUTE.fullmatch(key)
         if header is not None and value.HasField("string_value"):
             facts[header.group(1).lower()] = value.string_value
+    if "content-type" not in facts and "content-type" in response_headers:
+        facts["content-type"] = response_headers["content-type"]
     return facts
 
 
