@@ -17,7 +17,8 @@ TorchServe API (`InferenceAPIsService`), input `data` = a .npy array of shape (6
   secret, public  as digits (for the pairing tests)
   StreamPredictions answers one message per row; StreamPredictions2 one per request.
   With --stream2 reversed, StreamPredictions2 reads every request first and answers them
-  last to first; double answers each request twice; unpaired answers without sequence_id.
+  last to first; double answers each request twice; late-double answers each request again
+  after the next request arrives; unpaired answers without sequence_id.
 
 v2 API (`GRPCInferenceService`), input `input-0` FP32 [N, 64] in contents or raw:
   digits / digits64  outputs `predict_proba` FP32 / FP64 [N, 10] and `label` INT64 [N];
@@ -137,13 +138,19 @@ class TorchServeUpstream(inference_pb2_grpc.InferenceAPIsServiceServicer):
         requests = request_iterator
         if self.stream2 == "reversed":
             requests = _replay([request async for request in request_iterator][::-1])
+        late = None  # late-double: a request's second answer, sent after the next request
         async for request in requests:
             reply = inference_pb2.PredictionResponse(
                 prediction=self.predict(request, context)[0])
             if self.stream2 != "unpaired" and request.HasField("sequence_id"):
                 reply.sequence_id = request.sequence_id
+            if late is not None:
+                yield late
+                late = None
             for _ in range(2 if self.stream2 == "double" else 1):
                 yield reply
+            if self.stream2 == "late-double":
+                late = reply
 
 
 class V2Upstream(v2_grpc.GRPCInferenceServiceServicer):
@@ -224,7 +231,8 @@ def main() -> int:
     parser.add_argument("protocol", choices=["torchserve", "v2"])
     parser.add_argument("--listen", required=True)
     parser.add_argument("--stream2", default="ordered",
-                        choices=["ordered", "reversed", "double", "unpaired"])
+                        choices=["ordered", "reversed", "double", "late-double",
+                                 "unpaired"])
     args = parser.parse_args()
     asyncio.run(serve(args.protocol, args.listen, args.stream2))
     return 0

@@ -22,10 +22,9 @@ policies:
 SAMPLES = digits_samples(4)
 
 
-@pytest.fixture(scope="module", params=["reversed", "double", "unpaired"])
-def rogue(request, tmp_path_factory):
-    """(mode, upstream address, proxy address): a proxy in front of a misbehaving upstream."""
-    upstream, upstream_address = start_upstream("torchserve", None, "--stream2", request.param)
+def proxy_in_front_of(mode: str, tmp_path_factory):
+    """Yields (upstream address, proxy address): a proxy in front of a `mode` upstream."""
+    upstream, upstream_address = start_upstream("torchserve", None, "--stream2", mode)
     config = tmp_path_factory.mktemp("streams") / "proxy.yaml"
     config.write_text(CONFIG)
     try:
@@ -33,9 +32,16 @@ def rogue(request, tmp_path_factory):
     except Exception:
         upstream.stop()
         raise
-    yield request.param, upstream_address, address
+    yield upstream_address, address
     proxy.stop()
     upstream.stop()
+
+
+@pytest.fixture(scope="module", params=["reversed", "double", "unpaired"])
+def rogue(request, tmp_path_factory):
+    """(mode, upstream address, proxy address): a proxy in front of a misbehaving upstream."""
+    for upstream, proxy in proxy_in_front_of(request.param, tmp_path_factory):
+        yield request.param, upstream, proxy
 
 
 def stub(address):
@@ -107,3 +113,42 @@ def test_a_caller_id_shared_by_two_models_in_flight_is_refused(rogue):
     raw = np.array(raw_secret(upstream, SAMPLES[0]))
     assert code is not None
     assert not any(np.allclose(json.loads(r.prediction), raw, atol=1e-6) for r in replies)
+
+
+
+@pytest.fixture(scope="module")
+def late_double(tmp_path_factory):
+    """(upstream, proxy): an upstream that answers each request a second time once the
+    next request has arrived."""
+    yield from proxy_in_front_of("late-double", tmp_path_factory)
+
+
+def test_a_caller_id_answered_for_a_protected_model_is_refused_for_another(late_double):
+    """The caller reuses its id for an unprotected model only after the protected model's
+    request was answered, so the id is never in flight for two models; the upstream's late
+    second answer to the first request would pair with the second: the reuse is refused,
+    and the raw answer never comes back."""
+    import threading
+
+    upstream, proxy = late_double
+    answered = threading.Event()
+
+    def requests():
+        yield ask("secret", SAMPLES[0], "same")
+        answered.wait(20)
+        yield ask("public", SAMPLES[1], "same")
+
+    replies, code = [], None
+    try:
+        for reply in stub(proxy).StreamPredictions2(requests(), timeout=20):
+            replies.append(reply)
+            answered.set()
+    except grpc.RpcError as error:
+        code = error.code()
+    finally:
+        answered.set()
+    raw = np.array(raw_secret(upstream, SAMPLES[0]))
+    assert not any(np.allclose(json.loads(r.prediction), raw, atol=1e-6) for r in replies)
+    assert len(replies) == 1 and code == grpc.StatusCode.INVALID_ARGUMENT, (replies, code)
+    protected = stub(proxy).Predictions(ask("secret", SAMPLES[0]), timeout=20).prediction
+    assert json.loads(replies[0].prediction) == json.loads(protected)

@@ -8,8 +8,10 @@ nothing.
 order: a request without one is given a fresh id (stripped again from its reply), and a
 reply is protected under the policy of the request it answers. A reply whose id is not in
 flight (unknown, or answered already) ends the stream with an error, as does a request
-whose caller-set id is still in flight for another model: the proxy never guesses which
-model an answer belongs to, so no answer of a protected model can come back raw.
+whose caller-set id was used for another model earlier in the stream (TorchServe's
+sequence: one model's): the proxy never guesses which model an answer belongs to, so no
+answer of a protected model can come back raw, not even an upstream's late second answer
+to a request whose id the caller then sent for an unprotected model.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 
 import grpc
@@ -120,11 +122,17 @@ class _Pending:
     """The requests of one StreamPredictions2 call that the upstream has not answered yet,
     by `sequence_id` (several requests may share a caller-set id, for one model only)."""
 
+    #: caller-set ids remembered with their model after their last answer (per stream)
+    BOUND = 4096
+
     def __init__(self):
         self._prefix = f"stealguard-{secrets.token_hex(6)}-"
         self._numbers = itertools.count()
         self._models: dict[str, deque[str]] = {}
         self._ours: set[str] = set()  # ids the proxy set: stripped from the replies
+        # answered caller-set ids -> their model: a later request may reuse an id only for
+        # the same model, so a late duplicate answer is never paired with another model's
+        self._answered: OrderedDict[str, str] = OrderedDict()
         self.error: Exception | None = None  # what ended the requests early
 
     @property
@@ -140,12 +148,15 @@ class _Pending:
             request.sequence_id = f"{self._prefix}{next(self._numbers)}"
             self._ours.add(request.sequence_id)
         models = self._models.setdefault(request.sequence_id, deque())
-        if models and models[0] != request.model_name:
+        owner = models[0] if models else self._answered.get(request.sequence_id)
+        if owner is not None and owner != request.model_name:
+            if not models:
+                del self._models[request.sequence_id]
             raise UpstreamError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"sequence_id {request.sequence_id!r} is in flight for model {models[0]!r}; "
-                f"a request for {request.model_name!r} cannot share it (the proxy pairs "
-                "answers with requests by sequence_id)")
+                f"sequence_id {request.sequence_id!r} was sent for model {owner!r} in this "
+                f"stream; a request for {request.model_name!r} cannot share it (the proxy "
+                "pairs answers with requests by sequence_id)")
         models.append(request.model_name)
 
     def take(self, response: inference_pb2.PredictionResponse) -> str:
@@ -165,6 +176,11 @@ class _Pending:
         if not models:
             del self._models[sequence_id]
             self._ours.discard(sequence_id)
+            if not ours:
+                self._answered[sequence_id] = model
+                self._answered.move_to_end(sequence_id)
+                if len(self._answered) > self.BOUND:
+                    self._answered.popitem(last=False)
         if ours:
             response.ClearField("sequence_id")
         return model
