@@ -3,7 +3,7 @@
     stealguard-attack experiment --dataset mnist|digits|iris --out DIR [--quick]
     stealguard-attack calibrate  --dataset mnist [--model-store DIR --model NAME] [--quick]
     stealguard-attack calibrate  --from-contract attacks/results/mnist [--tolerance 0.01]
-    stealguard-attack run --target HOST:PORT --model mnist --model mnist-open \\
+    stealguard-attack run --target HOST:PORT|http://HOST:PORT --model mnist --model mnist-open \\
         --strategy sample --budget 250,500,1000 --out DIR [--baseline-model mnist-open] \
         [--policies-from SIDECAR --policy mnist-open=none]   # for closed-form, learned ...
     stealguard-attack contract --dataset mnist --out DIR [--budgets 50,1000] [--seeds 0-19] \\
@@ -185,8 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument("--quick", action="store_true", help="tiny budgets (for tests)")
     con.add_argument("--seed", type=int, default=0)
 
-    run = sub.add_parser("run", help="attack models through a live TorchServe gRPC endpoint")
-    run.add_argument("--target", required=True, help="HOST:PORT of the model server or proxy")
+    run = sub.add_parser("run", help="attack models through a live TorchServe gRPC or REST "
+                         "endpoint")
+    run.add_argument("--target", required=True,
+                     help="HOST:PORT: TorchServe's gRPC API (the model server, the proxy, "
+                     "Envoy); http://HOST:PORT: its REST API (/predictions/{model})")
     run.add_argument("--model", action="append", required=True,
                      help="model to attack (repeat for several)")
     run.add_argument("--strategy", type=strategy_names, action="append", default=None,

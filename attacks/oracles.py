@@ -4,8 +4,10 @@ An oracle answers a batch of inputs with probability rows and counts every input
 answers. A query that would take the count past the budget is refused with
 `BudgetExceeded` before anything is sent. The attack code only ever calls
 `oracle.query(x)`, so the same attack runs in-process (`LocalOracle`: a torch model plus a
-stealguard defense) and over the network (`RemoteOracle`: TorchServe's gRPC inference API,
-as served by the model server or the sidecar's proxy).
+stealguard defense) and over the network: `RemoteOracle` speaks TorchServe's gRPC
+inference API (the model server, the sidecar's proxy, Envoy in front of either),
+`RestOracle` its REST API (`/predictions/{model}`: the model server, TorchServe, Envoy's
+ext_proc in front of them). `remote_oracle` picks one by the target's form.
 """
 
 from __future__ import annotations
@@ -84,7 +86,48 @@ def encode_npy(x: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-class RemoteOracle(Oracle):
+class _ServedOracle(Oracle):
+    """What the network oracles share: a float32 .npy batch of up to `batch_size` inputs
+    per request, answered with a JSON list of probability vectors."""
+
+    target = ""
+    model_name = ""
+    batch_size = 100
+
+    def _answer(self, x: np.ndarray) -> np.ndarray:
+        rows = []
+        for i in range(0, len(x), self.batch_size):
+            batch = x[i : i + self.batch_size]
+            rows.append(self._decode(self._send(encode_npy(batch), len(batch)), len(batch)))
+        return np.concatenate(rows)
+
+    def _send(self, data: bytes, n: int) -> bytes:
+        raise NotImplementedError
+
+    def _decode(self, prediction: bytes, n: int) -> np.ndarray:
+        try:
+            probs = np.asarray(json.loads(prediction), dtype=np.float64)
+        except (ValueError, TypeError) as e:
+            raise OracleError(f"{self.target} model {self.model_name!r}: prediction is not "
+                              f"a JSON list of probability vectors ({e})") from None
+        if probs.ndim == 1:
+            probs = probs[None, :]
+        if probs.ndim != 2 or len(probs) != n:
+            raise OracleError(f"{self.target} model {self.model_name!r}: expected {n} "
+                              f"probability vectors, got an array of shape {probs.shape}")
+        return probs
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RemoteOracle(_ServedOracle):
     """TorchServe's gRPC `InferenceAPIsService.Predictions` at `target` ("host:port") for
     model `model_name`. Each request carries up to `batch_size` inputs as a float32 .npy
     batch in input "data"; the `prediction` is a JSON list of probability vectors.
@@ -129,24 +172,12 @@ class RemoteOracle(Oracle):
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> RemoteOracle:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _answer(self, x: np.ndarray) -> np.ndarray:
+    def _send(self, data: bytes, n: int) -> bytes:
         from stealguard.compat.torchserve import inference_pb2
 
-        rows = []
-        for i in range(0, len(x), self.batch_size):
-            batch = x[i : i + self.batch_size]
-            request = inference_pb2.PredictionsRequest(
-                model_name=self.model_name, input={"data": encode_npy(batch)}
-            )
-            reply = self._predict(request, len(batch))
-            rows.append(self._decode(reply.prediction, len(batch)))
-        return np.concatenate(rows)
+        request = inference_pb2.PredictionsRequest(model_name=self.model_name,
+                                                   input={"data": data})
+        return self._predict(request, n).prediction
 
     def _predict(self, request, n: int):
         """One Predictions call; a busy server (UNAVAILABLE, DEADLINE_EXCEEDED) is retried
@@ -169,15 +200,104 @@ class RemoteOracle(Oracle):
                 time.sleep(0.5 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def _decode(self, prediction: bytes, n: int) -> np.ndarray:
-        try:
-            probs = np.asarray(json.loads(prediction), dtype=np.float64)
-        except (ValueError, TypeError) as e:
-            raise OracleError(f"{self.target} model {self.model_name!r}: prediction is not "
-                              f"a JSON list of probability vectors ({e})") from None
-        if probs.ndim == 1:
-            probs = probs[None, :]
-        if probs.ndim != 2 or len(probs) != n:
-            raise OracleError(f"{self.target} model {self.model_name!r}: expected {n} "
-                              f"probability vectors, got an array of shape {probs.shape}")
-        return probs
+
+class RestOracle(_ServedOracle):
+    """TorchServe's REST inference API at `base_url` (`http://host:port`, or https): each
+    batch is a POST of a float32 .npy body to `{base_url}/predictions/{model_name}`, whose
+    answer is a JSON list of probability vectors. `headers`: sent with every request (e.g.
+    `x-client-id`). A busy server (429, 502, 503, 504, no connection) is retried up to
+    RETRIES times: the same inputs, so no extra queries. Raises OracleError naming the
+    target if `/ping` cannot be reached within `timeout` seconds."""
+
+    RETRIES = 2
+    RETRY_STATUS = (429, 502, 503, 504)
+
+    def __init__(self, base_url: str, model_name: str, budget: int, *,
+                 timeout: float = 30.0, batch_size: int = 100,
+                 headers: tuple[tuple[str, str], ...] = ()):
+        import urllib.parse
+
+        super().__init__(budget)
+        parsed = urllib.parse.urlsplit(base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise OracleError(f"target {base_url!r}: expected http://HOST:PORT or "
+                              "https://HOST:PORT")
+        self.target = base_url.rstrip("/")
+        self.model_name = model_name
+        self.timeout = timeout
+        self.batch_size = batch_size
+        self.headers = dict(headers)
+        self._url = f"{self.target}/predictions/{urllib.parse.quote(model_name, safe='')}"
+        self._wait_reachable()
+
+    def _wait_reachable(self) -> None:
+        """Until something answers HTTP at the target (any status: Envoy may route only
+        /predictions), at most `timeout` seconds."""
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.target}/ping", timeout=self.timeout):
+                    return
+            except urllib.error.HTTPError:
+                return  # it answered
+            except (urllib.error.URLError, OSError) as error:
+                if time.monotonic() >= deadline:
+                    raise OracleError(f"cannot reach the model server at {self.target} "
+                                      f"(no answer within {self.timeout:g}s: "
+                                      f"{getattr(error, 'reason', error)})") from None
+                time.sleep(0.2)
+
+    def _send(self, data: bytes, n: int) -> bytes:
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(
+            self._url, data=data, method="POST",
+            headers={"content-type": "application/octet-stream", **self.headers})
+        for attempt in range(self.RETRIES + 1):
+            try:
+                with urllib.request.urlopen(
+                        request, timeout=(self.timeout + 0.01 * n) * (attempt + 1)) as reply:
+                    return reply.read()
+            except urllib.error.HTTPError as e:
+                detail = _error_message(e)
+                if e.code == 404:
+                    raise OracleError(f"model {self.model_name!r} not found at "
+                                      f"{self.target}: {detail}") from None
+                if e.code not in self.RETRY_STATUS or attempt == self.RETRIES:
+                    raise OracleError(f"{self.target} answered HTTP {e.code} for model "
+                                      f"{self.model_name!r}: {detail}") from None
+            except (urllib.error.URLError, OSError) as e:
+                if attempt == self.RETRIES:
+                    raise OracleError(f"{self.target} did not answer for model "
+                                      f"{self.model_name!r}: "
+                                      f"{getattr(e, 'reason', e)}") from None
+            time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+
+def _error_message(error) -> str:
+    """The `message` of a JSON error body (TorchServe's, ours, Envoy's), else its text."""
+    try:
+        body = error.read().decode(errors="replace")
+    except OSError:
+        return error.reason
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return body.strip()[:200] or str(error.reason)
+    if isinstance(document, dict):
+        return str(document.get("message") or document.get("error") or document)[:200]
+    return body[:200]
+
+
+def remote_oracle(target: str, model_name: str, budget: int, **options) -> _ServedOracle:
+    """The oracle for `target`: `http://` or `https://` → `RestOracle`, `HOST:PORT` →
+    `RemoteOracle` (gRPC). `metadata` (key, value) pairs go as headers over REST."""
+    if target.startswith(("http://", "https://")):
+        headers = options.pop("metadata", ())
+        return RestOracle(target, model_name, budget, headers=headers, **options)
+    return RemoteOracle(target, model_name, budget, **options)

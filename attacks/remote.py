@@ -1,6 +1,7 @@
-"""`stealguard-attack run`: steal models through a live TorchServe gRPC endpoint.
+"""`stealguard-attack run`: steal models through a live TorchServe gRPC or REST endpoint.
 
-The attack code is the experiment's; only the oracle differs (RemoteOracle). Scoring needs
+The attack code is the experiment's; only the oracle differs (`remote_oracle`: gRPC for
+HOST:PORT, REST for http://HOST:PORT). Scoring needs
 the base model's answers on the held-out test inputs, which come from an unprotected model
 on the same server (`--baseline-model`, default mnist-open); those scoring queries are not
 part of any attack's budget. For each attacked model the report gives:
@@ -25,14 +26,14 @@ from stealguard.attacks.contract import runner_up, utility
 from stealguard.attacks.experiment import profile_for
 from stealguard.attacks.kerckhoffs import constructor_params
 from stealguard.attacks.metrics import accuracy, agreement, distortion, kl
-from stealguard.attacks.oracles import OracleError, RemoteOracle
+from stealguard.attacks.oracles import OracleError, remote_oracle
 from stealguard.attacks.strategies import STRATEGIES, Attacker
 from stealguard.attacks.training import predict
 from stealguard.modelserver.datasets import load_dataset
 
 
 def _answers(target: str, model: str, x, timeout: float):
-    with RemoteOracle(target, model, len(x), timeout=timeout) as oracle:
+    with remote_oracle(target, model, len(x), timeout=timeout) as oracle:
         return oracle.query(x)
 
 
@@ -117,7 +118,7 @@ def run_remote(*, target: str, models: list[str], strategies: list[str], budgets
             for budget in budgets:
                 started = time.perf_counter()
                 log(f"{name}: {strategy} with {budget} queries")
-                with RemoteOracle(target, name, budget, timeout=timeout) as oracle:
+                with remote_oracle(target, name, budget, timeout=timeout) as oracle:
                     stolen = STRATEGIES[strategy](oracle, budget, attacker, **options)
                     used = oracle.queries
                 stolen_test = predict(stolen, ds.test_x)

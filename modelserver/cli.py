@@ -13,7 +13,12 @@ import argparse
 import asyncio
 import sys
 
-from stealguard.modelserver.config import DEFAULT_METRICS_PORT, ServerConfig, config_from
+from stealguard.modelserver.config import (
+    DEFAULT_HTTP_PORT,
+    DEFAULT_METRICS_PORT,
+    ServerConfig,
+    config_from,
+)
 from stealguard.server.cli import add_server_flags, configure_logging
 from stealguard.server.settings import ConfigError
 
@@ -22,9 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = ServerConfig()
     parser = argparse.ArgumentParser(
         prog="stealguard-modelserver",
-        description="Serve models over TorchServe's gRPC inference API; every protected "
+        description="Serve models over TorchServe's gRPC and REST inference APIs; every protected "
         "model's probabilities pass through the stealguard sidecar before they are returned.",
     )
+    parser.add_argument("--http-port", dest="http_port",
+                        help="TorchServe's REST inference API (/predictions/{model}, /ping) "
+                        f"on the --listen host (default {DEFAULT_HTTP_PORT}, skipped with a "
+                        "warning when taken; 0 disables)")
     parser.add_argument("--sidecar",
                         help=f"address of the stealguard sidecar (default {defaults.sidecar})")
     parser.add_argument("--sidecar-timeout", dest="sidecar_timeout",

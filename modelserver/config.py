@@ -22,6 +22,7 @@ from stealguard.modelserver.training import cache_root
 from stealguard.server.settings import ConfigError, ServerSettings, load_settings, setting
 
 DEFAULT_METRICS_PORT = 8082
+DEFAULT_HTTP_PORT = 8080  # TorchServe's inference_address
 PREFIX = "STEALGUARD_MODELSERVER_"
 TRANSPORTS = ("stream", "unary")
 
@@ -32,6 +33,9 @@ class ServerConfig(ServerSettings):
     # Prometheus /metrics. None: DEFAULT_METRICS_PORT if it is free, else off with a
     # warning (so that several model servers on one host still start); 0: off.
     metrics_port: int | None = setting(None, "port")
+    # TorchServe's REST inference API (`stealguard.modelserver.rest`) on the --listen host.
+    # None: DEFAULT_HTTP_PORT if it is free, else off with a warning; 0: off.
+    http_port: int | None = setting(None, "port")
     sidecar: str = setting("127.0.0.1:50051", "address", env="STEALGUARD_SIDECAR")
     # Seconds for one sidecar call, shortened to what is left of the caller's deadline;
     # then the answer is label-only (fail-closed).

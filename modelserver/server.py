@@ -1,4 +1,4 @@
-"""Assemble and run the model server: store → handlers → TorchServe gRPC API.
+"""Assemble and run the model server: store → handlers → TorchServe's gRPC and REST APIs.
 
 The gRPC plumbing (health, reflection, interceptors) is the platform's `GrpcApp` and the
 lifecycle (warm-up -> SERVING -> drain) the platform's `lifecycle.run`, as for the sidecar
@@ -15,9 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from stealguard.client import AsyncDefenseClient, channel_credentials
 from stealguard.compat.torchserve import inference_pb2, inference_pb2_grpc
-from stealguard.modelserver.config import DEFAULT_METRICS_PORT, ServerConfig
+from stealguard.modelserver.config import DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, ServerConfig
 from stealguard.modelserver.handler import Models
 from stealguard.modelserver.metrics import Recorder
+from stealguard.modelserver.rest import InferenceRest, RestListener, load_certificates, server_ssl
 from stealguard.modelserver.servicer import InferenceServicer
 from stealguard.modelserver.store import ensure_default_models, read_store
 from stealguard.modelserver.watch import class_mix_of, watch_of
@@ -64,23 +65,55 @@ def sidecar_client(config: ServerConfig) -> AsyncDefenseClient:
                               stream=config.sidecar_transport == "stream")
 
 
+async def start_rest(config: ServerConfig, api: InferenceRest) -> RestListener | None:
+    """The REST API on the --listen host at --http-port; None when off. The default port
+    is skipped with a warning when taken; one asked for must be free (OSError)."""
+    asked = config.http_port is not None
+    port = DEFAULT_HTTP_PORT if config.http_port is None else config.http_port
+    if not port:
+        return None
+    host = config.listen.rsplit(":", 1)[0]
+    listener = RestListener(api, host, port, ssl_context=server_ssl(config), grace=config.grace)
+    try:
+        await listener.start()
+    except OSError as error:
+        if asked:
+            raise OSError(f"--http-port {port}: cannot serve REST on {host}: "
+                          f"{error.strerror or error}") from None
+        log.warning("REST API off: default port %d is taken (%s); pass --http-port",
+                    port, error.strerror or error)
+        return None
+    return listener
+
+
 class ModelServer(lifecycle.Service):
-    """The model server's lifecycle hooks: a first forward pass per model before SERVING."""
+    """The model server's lifecycle hooks: a first forward pass per model before SERVING;
+    the REST listener stopped with the gRPC server."""
 
     draining = DRAINING
 
     def __init__(self, models: Models, sidecar: AsyncDefenseClient, app: GrpcApp | None = None,
-                 reload=None):
+                 reload=None, rest: RestListener | None = None):
         self.models = models
         self.sidecar = sidecar
         self.core = models.core
         self.app = app
+        self.rest = rest
         self._reload = reload
         self.reloadable = reload is not None and app is not None
 
     def reload(self) -> str:
-        """SIGHUP: the token file and TLS certificates (the models stay)."""
-        return self.app.prepare_reload(self._reload())() or "nothing to reload"
+        """SIGHUP: the token file and TLS certificates of both listeners (the models stay)."""
+        settings = self._reload()
+        install = self.app.prepare_reload(settings)  # checks every file first
+        if self.rest is not None and self.rest.ssl_context is not None:
+            load_certificates(self.rest.ssl_context, settings)
+        return install() or "nothing to reload"
+
+    async def stop(self) -> None:
+        if self.rest is not None:
+            rest, self.rest = self.rest, None
+            await rest.stop()
 
     def warm_up(self) -> str:
         started = time.perf_counter()
@@ -88,6 +121,7 @@ class ModelServer(lifecycle.Service):
         return f"ready: models warm in {time.perf_counter() - started:.2f}s"
 
     async def close(self) -> None:
+        await self.stop()
         await self.sidecar.close()
         if self.models.core.limiter is not None:
             await self.models.core.limiter.close()  # unspent leases back to the store
@@ -113,13 +147,19 @@ async def run_modelserver(config: ServerConfig, reload=None) -> None:
         core.refuse(WARMING_UP)
         models = Models(specs, sidecar, executor, config.max_batch, recorder, core, watch)
         app = GrpcApp.from_settings(config, [INFERENCE_SERVICE], logger=log)
+        streams = stream_guard(config, core)  # one per-principal call count for both APIs
         add_lenient(inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server,
-                    InferenceServicer(models, recorder, app.identity,
-                                      stream_guard(config, core)), app.server)
+                    InferenceServicer(models, recorder, app.identity, streams), app.server)
+        rest = await start_rest(config, InferenceRest(
+            models, recorder, app.identity, streams, max_body_bytes=config.max_message_bytes))
 
         details = (f"{' and client certificates' if config.tls_ca else ''}, sidecar "
                    f"{config.sidecar} ({config.sidecar_transport})"
                    f"{' over TLS' if config.sidecar_tls_ca or config.sidecar_tls_cert else ''}"
                    f"{' with a token' if config.sidecar_token_file else ''}, models: "
                    f"{', '.join(sorted(specs))}")
-        await lifecycle.run(app, ModelServer(models, sidecar, app, reload), details=details)
+        if rest is not None:
+            details += (f", REST on {'https' if rest.ssl_context else 'http'}://"
+                        f"{rest.host}:{rest.port}")
+        await lifecycle.run(app, ModelServer(models, sidecar, app, reload, rest),
+                            details=details)

@@ -138,16 +138,19 @@ def test_envoy_profile_wires_the_shipped_envoy_yaml_to_compose_services(services
             "endpoint"]["address"]["socket_address"]
         return f"{socket_address['address']}:{socket_address['port_value']}"
 
-    host, port = address("torchserve_grpc").split(":")
     raw = services["modelserver-raw"]
+    host, port = address("torchserve_grpc").split(":")
     assert host in raw["networks"]["default"]["aliases"]
     assert f"--listen 0.0.0.0:{port}" in raw["command"][-1]
+    host, port = address("torchserve_rest").split(":")  # the attack's route: REST
+    assert host in raw["networks"]["default"]["aliases"]
+    assert f"--http-port {port}" in raw["command"][-1]
     assert "policy: none" in raw["command"][-1]
     assert address("stealguard") == "sidecar:50051"
     listener = resources["listeners"][0]["address"]["socket_address"]["port_value"]
     assert services["envoy"]["expose"] == [str(listener)]
     attack = services["attacker-envoy"]["command"]
-    assert flag(attack, "--target") == f"envoy:{listener}"
+    assert flag(attack, "--target") == f"http://envoy:{listener}"
 
 
 def test_envoy_attack_parses_and_keeps_the_thieves_check_report_compares(services):

@@ -25,6 +25,7 @@ DEPLOY = ROOT / "deploy"
 HEALTHCHECK_IN_IMAGE = "/opt/stealguard/healthcheck.py"
 SIDECAR_PORT = 50051
 MODELSERVER_PORT = 7070
+MODELSERVER_HTTP_PORT = 8080  # stealguard.modelserver.config.DEFAULT_HTTP_PORT
 
 
 # --- Dockerfile ---------------------------------------------------------------------------
@@ -80,7 +81,7 @@ def test_sidecar_image_healthcheck_probes_the_exposed_port():
 
 def test_lab_image_exposes_the_model_server_port():
     lab = dockerfile_stages()["lab"]
-    assert instructions(lab, "EXPOSE") == [str(MODELSERVER_PORT)]
+    assert instructions(lab, "EXPOSE") == [f"{MODELSERVER_PORT} {MODELSERVER_HTTP_PORT}"]
 
 
 def test_build_context_allows_every_file_the_dockerfile_copies():
@@ -238,7 +239,10 @@ def test_kubernetes_ports_and_probes_agree_with_the_images(manifests):
     assert sidecar["livenessProbe"]["grpc"] == {"port": SIDECAR_PORT}
     # The kubelet dials the Pod IP, so the sidecar must listen beyond loopback.
     assert sidecar["args"][sidecar["args"].index("--listen") + 1] == f"0.0.0.0:{SIDECAR_PORT}"
-    assert [p["containerPort"] for p in modelserver["ports"]] == [MODELSERVER_PORT]
+    assert [p["containerPort"] for p in modelserver["ports"]] == [MODELSERVER_PORT,
+                                                                  MODELSERVER_HTTP_PORT]
+    http = modelserver["command"][modelserver["command"].index("--http-port") + 1]
+    assert int(http) == MODELSERVER_HTTP_PORT
     for probe in ("readinessProbe", "startupProbe"):
         assert modelserver[probe]["grpc"] == {"port": MODELSERVER_PORT}
     config_path = sidecar["args"][sidecar["args"].index("--config") + 1]
@@ -254,10 +258,12 @@ def test_service_and_network_policy_expose_only_the_model_server(manifests):
     labels = pod["metadata"]["labels"]
     service = manifests["Service/stealguard-modelserver"]["spec"]
     assert service["selector"] == labels
-    assert [(p["port"], p["targetPort"]) for p in service["ports"]] == [(MODELSERVER_PORT, "grpc")]
+    assert [(p["port"], p["targetPort"]) for p in service["ports"]] == [
+        (MODELSERVER_PORT, "grpc"), (MODELSERVER_HTTP_PORT, "http")]
     policy = manifests["NetworkPolicy/stealguard-modelserver"]["spec"]
     assert policy["podSelector"]["matchLabels"] == labels
-    assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == [MODELSERVER_PORT]
+    assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == [
+        MODELSERVER_PORT, MODELSERVER_HTTP_PORT]
 
 
 # --- the health probe script ---------------------------------------------------------------

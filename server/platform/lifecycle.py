@@ -66,6 +66,10 @@ class Service:
         `OSError` to keep the old one."""
         raise NotImplementedError
 
+    async def stop(self) -> None:
+        """After the drain, alongside the gRPC server's stop: stop any other listener the
+        service runs (the model server's REST API), with the same grace period."""
+
     @property
     def in_flight(self) -> int:
         """Calls running now (reported after the drain)."""
@@ -115,7 +119,7 @@ async def run(app: GrpcApp, service: Service, *, name: str = "", details: str = 
         app.log.info("draining: refusing new calls, %.1fs grace for calls in flight",
                      app.grace)
         service.drain()
-        await app.stop()
+        await asyncio.gather(app.stop(), service.stop())
         app.log.info("stopped")
         if service.in_flight:
             app.log.warning("%d calls were still running when the grace period ended",
