@@ -141,7 +141,7 @@ class IdleTimeout:
     stream weakly: a stream that ended is not kept for the rest of the timeout.
     """
 
-    __slots__ = ("_iterator", "_timeout", "_loop", "_timer", "_waiter", "_since",
+    __slots__ = ("_iterator", "_timeout", "_loop", "_timer", "_task", "_waiting", "_since",
                  "_expired", "__weakref__")
 
     def __init__(self, requests: AsyncIterator, timeout: float):
@@ -149,7 +149,8 @@ class IdleTimeout:
         self._timeout = timeout
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
-        self._waiter: asyncio.Task | None = None  # the task waiting for a message, if any
+        self._task: asyncio.Task | None = None  # the task reading the stream
+        self._waiting = False  # whether it waits for a message now
         self._since = 0.0  # when that wait began (loop time)
         self._expired = False
 
@@ -158,7 +159,9 @@ class IdleTimeout:
 
     async def __anext__(self):
         self._since = self._loop.time()
-        self._waiter = asyncio.current_task()
+        if self._task is None:  # one task reads a stream: found once, not per message
+            self._task = asyncio.current_task()
+        self._waiting = True
         if self._timer is None:
             self._timer = self._loop.call_at(self._since + self._timeout, _idle_check,
                                              weakref.ref(self))
@@ -167,11 +170,11 @@ class IdleTimeout:
         except BaseException as error:  # the end of the stream, its error, or a cancel
             self._stop()
             if isinstance(error, asyncio.CancelledError) and self._expired and \
-                    self._waiter.uncancel() == 0:  # ours, and no one else's cancel
+                    self._task.uncancel() == 0:  # ours, and no one else's cancel
                 raise StreamIdle(self._timeout) from None
             raise
         finally:
-            self._waiter = None
+            self._waiting = False
 
     def _stop(self) -> None:
         if self._timer is not None:
@@ -180,14 +183,14 @@ class IdleTimeout:
 
     def _check(self) -> None:
         self._timer = None
-        if self._waiter is None:  # being answered: the next wait sets the timer again
+        if not self._waiting:  # being answered: the next wait sets the timer again
             return
         deadline = self._since + self._timeout
         if self._loop.time() < deadline:  # a message came since: time the current wait
             self._timer = self._loop.call_at(deadline, _idle_check, weakref.ref(self))
             return
         self._expired = True
-        self._waiter.cancel()
+        self._task.cancel()
 
 
 def _idle_check(stream: weakref.ref) -> None:
